@@ -1,0 +1,1 @@
+"""The HTTP surface: routes per concern, reading uploads, errors, and typed access to app state."""

@@ -1,0 +1,77 @@
+"""Probes, model information and metrics: what orchestrators and operators call."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import get_running, get_service
+from app.engine.batcher import EngineState
+from app.schemas import Health, Info, Limits
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The inference worker has stopped: restart."}},
+    summary="Liveness: the process is up and its inference worker has not died",
+)
+async def healthz(request: Request) -> JSONResponse:
+    batcher = get_service(request).batcher
+    if batcher is not None and batcher.state is EngineState.DEAD:
+        return JSONResponse(Health(status="dead").model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump())
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Loading, draining for shutdown, or stopped."}},
+    summary="Readiness: the model is loaded and requests are being taken",
+)
+async def readyz(request: Request) -> JSONResponse:
+    batcher = get_service(request).batcher
+    if batcher is None:
+        return JSONResponse(Health(status="starting").model_dump(), status_code=503)
+    status = 200 if batcher.state is EngineState.READY else 503
+    return JSONResponse(Health(status=batcher.state.value).model_dump(), status_code=status)
+
+
+@router.get(
+    "/info", response_model=Info, summary="The model being served, its device and the limits in force"
+)
+async def info(request: Request) -> Info:
+    service, runtime, _ = get_running(request)
+    settings = service.settings
+    described = runtime.description
+    return Info(
+        model=described.model,
+        revision=described.revision,
+        device=described.device,
+        dtype=described.dtype,
+        attn_implementation=described.attn_implementation,
+        box_convention=settings.box_convention,
+        limits=Limits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+            max_new_tokens={
+                task: service.options(task).max_new_tokens for task in ("vqa", "report", "ground")
+            },
+        ),
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> Response:
+    registry = get_service(request).metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,132 @@
+"""The path every task request takes: admit, read, decode, prepare, batch, generate.
+
+Admission comes first so that an overloaded server refuses a request before reading or decoding its
+upload. Decoding and preparing run in worker threads, overlapping with the generate() of the batch before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fastapi import Request
+
+from app.api.deps import get_running
+from app.api.errors import ApiError
+from app.api.middleware import request_record
+from app.api.uploads import FieldsT, read_task_upload
+from app.engine.batcher import DeadlineExceededError
+from app.engine.runtime import Generation
+from app.imaging import DecodedImage, ImageLimits, decode_image
+from app.schemas import ImageSize, TaskName, Timing, Usage
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TaskRun(Generic[FieldsT]):
+    request_id: str
+    model: str
+    fields: FieldsT
+    image: DecodedImage
+    model_input_size: tuple[int, int]
+    generation: Generation
+    queue_s: float
+    inference_s: float
+    started: float
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.image.width, self.image.height
+
+    def envelope(self) -> dict[str, Any]:
+        """The response fields every task shares."""
+        return {
+            "request_id": self.request_id,
+            "model": self.model,
+            "image": ImageSize(width=self.image.width, height=self.image.height),
+            "usage": Usage(
+                prompt_tokens=self.generation.prompt_tokens,
+                completion_tokens=self.generation.completion_tokens,
+            ),
+            "timing": Timing(
+                queue_ms=round(self.queue_s * 1000, 3),
+                inference_ms=round(self.inference_s * 1000, 3),
+                total_ms=round((time.monotonic() - self.started) * 1000, 3),
+            ),
+        }
+
+
+async def run_task(
+    request: Request,
+    task: TaskName,
+    fields_model: type[FieldsT],
+    prompt: Callable[[FieldsT], str],
+    timeout_s: float | None,
+) -> TaskRun[FieldsT]:
+    started = time.monotonic()
+    service, runtime, batcher = get_running(request)
+    settings = service.settings
+    record = request_record(request)
+    record.task = task
+    budget = settings.request_timeout_s if timeout_s is None else min(timeout_s, settings.request_timeout_s)
+    deadline = started + budget
+    limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    with batcher.admit() as admission:
+        try:
+            async with asyncio.timeout(budget):
+                upload = await read_task_upload(
+                    request, fields_model, max_image_bytes=settings.max_upload_bytes
+                )
+                image = await asyncio.to_thread(decode_image, upload.image, limits)
+                record.image_width, record.image_height = image.width, image.height
+                record.image_format = image.source_format
+                prepared = await asyncio.to_thread(
+                    runtime.prepare, image.picture, prompt(upload.fields), service.options(task)
+                )
+                completed = await cancel_on_disconnect(
+                    request, batcher.submit(admission, prepared, deadline_s=deadline)
+                )
+        except TimeoutError:
+            service.metrics.rejections.labels(reason="deadline").inc()
+            raise DeadlineExceededError() from None
+    record.queue_ms = completed.queue_s * 1000
+    record.batch_size = completed.batch_size
+    service.metrics.generated_tokens.labels(task=task).inc(completed.result.completion_tokens)
+    return TaskRun(
+        request_id=record.request_id,
+        model=runtime.description.model,
+        fields=upload.fields,
+        image=image,
+        model_input_size=prepared.model_input_size,
+        generation=completed.result,
+        queue_s=completed.queue_s,
+        inference_s=completed.inference_s,
+        started=started,
+    )
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but give it up if the client goes away first (its request is then never computed)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ApiError(499, "client_disconnected", "the client closed the connection")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _client_gone(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

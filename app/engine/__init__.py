@@ -1,0 +1,1 @@
+"""From prepared requests to generated text: the batching queue and the transformers runtime."""

@@ -1,0 +1,289 @@
+"""The model runtime: loads MedMO with transformers once, prepares requests, runs batches through generate().
+
+Preparing (resize, chat template, processor) is done per request, in whichever thread the caller uses, so it
+overlaps with the generate() of the batch before. `generate()` takes any number of prepared requests and runs
+them as one call: batching is the caller's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from PIL import Image
+from qwen_vl_utils import fetch_image
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers.utils import logging as transformers_logging
+
+from app.settings import Settings
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what failed and what to set."""
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Everything that must be equal for two requests to share one generate() call."""
+
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """One request as the model takes it: processor output with a batch dimension of one."""
+
+    features: Mapping[str, torch.Tensor]
+    model_input_size: tuple[int, int]  # (width, height) of the picture the model actually sees
+    options: GenerationOptions
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.features["input_ids"].shape[1])
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class RuntimeDescription:
+    model: str
+    revision: str | None
+    device: str
+    dtype: str
+    attn_implementation: str
+
+
+class Runtime(Protocol):
+    """What the service needs from a runtime; ModelRuntime is the real one."""
+
+    description: RuntimeDescription
+
+    def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest: ...
+
+    def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        # ROCm builds of torch answer to "cuda" too, so this covers AMD Instinct cards.
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, setting)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def resolve_attention(setting: str, device: torch.device) -> str:
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def collate(features: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack single-request processor outputs into one batch, as the processor would for a list.
+
+    Per-token tensors (input ids, attention mask, token types) are padded on the left, which generation
+    needs; image tensors are already flat rows of patches with a grid per image, so they concatenate.
+    The processor cannot do this itself: it only pads text it tokenizes in the same call.
+    """
+    longest = max(int(item["input_ids"].shape[1]) for item in features)
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        tensors = [item[key] for item in features]
+        per_token = all(t.shape == item["input_ids"].shape for t, item in zip(tensors, features, strict=True))
+        if per_token:
+            fill = pad_token_id if key == "input_ids" else 0
+            batch[key] = torch.cat([F.pad(t, (longest - t.shape[1], 0), value=fill) for t in tensors])
+        else:
+            batch[key] = torch.cat(tensors)
+    return batch
+
+
+class ModelRuntime:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        description: RuntimeDescription,
+        min_pixels: int,
+        max_pixels: int,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.description = description
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.system_prompt = system_prompt
+        self.patch_size = int(processor.image_processor.patch_size)
+        tokenizer = processor.tokenizer
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        self._processor_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelRuntime:
+        """Load model and processor with from_pretrained (hub id or folder; HF_HOME and HF_HUB_OFFLINE apply)."""
+        transformers_logging.disable_progress_bar()
+        name = settings.model
+        if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+            raise ModelLoadError(
+                f"MEDMO_MODEL={name!r} is not an existing folder: set it to a folder holding MedMO's "
+                "weights, or to a hub id such as MBZUAI/MedMO-8B-Next"
+            )
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        attention = resolve_attention(settings.attn_implementation, device)
+        source = os.path.expanduser(name)
+        try:
+            processor = AutoProcessor.from_pretrained(source, revision=settings.revision)
+            model = AutoModelForImageTextToText.from_pretrained(
+                source,
+                revision=settings.revision,
+                dtype=dtype,
+                attn_implementation=attention,
+                device_map=str(device),
+            )
+        except torch.OutOfMemoryError as exc:
+            raise ModelLoadError(
+                f"not enough memory on {device} to load {name!r}: free the device, or set MEDMO_MODEL to a "
+                "smaller model (MBZUAI/MedMO-4B-Next) or MEDMO_DEVICE to another device"
+            ) from exc
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelLoadError(
+                f"could not load model {name!r} ({reason}): set MEDMO_MODEL to a folder holding MedMO's "
+                "weights, or make the hub reachable (with HF_HUB_OFFLINE=1 only the cache in HF_HOME is used)"
+            ) from exc
+        model.eval()
+        description = RuntimeDescription(
+            model=name,
+            revision=settings.revision,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            attn_implementation=attention,
+        )
+        return cls(
+            model,
+            processor,
+            description=description,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+            system_prompt=settings.system_prompt,
+        )
+
+    def messages(self, picture: Image.Image, prompt: str) -> list[dict[str, Any]]:
+        """The conversation for one request: MedMO's quick-start shape, image first, then the text."""
+        conversation: list[dict[str, Any]] = []
+        if self.system_prompt:
+            conversation.append({"role": "system", "content": self.system_prompt})
+        conversation.append(
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "image": picture,
+                        "min_pixels": self.min_pixels,
+                        "max_pixels": self.max_pixels,
+                    },
+                    {"type": "text", "text": prompt},
+                ],
+            }
+        )
+        return conversation
+
+    def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
+        """Resize and tokenize one request. Safe to call from many threads while generate() runs."""
+        conversation = self.messages(picture, prompt)
+        # qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only ever
+        # handed a decoded PIL image: given a string it would open local paths and fetch URLs.
+        resized = fetch_image(conversation[-1]["content"][0], image_patch_size=self.patch_size)
+        with self._processor_lock:
+            text = self.processor.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True
+            )
+            features = self.processor(text=[text], images=[resized], return_tensors="pt")
+        _, grid_height, grid_width = (int(v) for v in features["image_grid_thw"][0])
+        return PreparedRequest(
+            features={key: value for key, value in features.items() if isinstance(value, torch.Tensor)},
+            model_input_size=(grid_width * self.patch_size, grid_height * self.patch_size),
+            options=options,
+        )
+
+    def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
+        """Run the requests as one generate() call; results come back in the same order."""
+        if not batch:
+            return []
+        options = batch[0].options
+        if any(item.options != options for item in batch):
+            raise ValueError("requests with different generation options cannot share a generate() call")
+        inputs = collate([item.features for item in batch], self.pad_token_id)
+        device = self.model.device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=options.max_new_tokens,
+            eos_token_id=sorted(self.eos_token_ids),
+            pad_token_id=self.pad_token_id,
+        )
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, generation_config=config)
+        except torch.OutOfMemoryError:
+            # Give the cached blocks back so that the smaller batches the caller retries with can fit.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
+        texts = self.processor.batch_decode(
+            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return [
+            Generation(
+                text=text,
+                prompt_tokens=item.prompt_tokens,
+                completion_tokens=self._completion_length(row.tolist()),
+            )
+            for text, item, row in zip(texts, batch, new_tokens, strict=True)
+        ]
+
+    def _completion_length(self, tokens: list[int]) -> int:
+        """Generated tokens up to and including the end-of-turn token; what follows is batch padding."""
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return index + 1
+        return len(tokens)
+
+
+def is_fatal_error(exc: BaseException) -> bool:
+    """Errors after which the device cannot be trusted (illegal address, device-side assert): no retry."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return accelerator_error is not None and isinstance(exc, accelerator_error)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)

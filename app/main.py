@@ -1,0 +1,118 @@
+"""The app factory and its lifespan: load the model once, start the batcher, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__
+from app.api import ops, tasks
+from app.api.deps import Service, TaskBatcher
+from app.api.errors import install_error_handlers
+from app.api.middleware import RequestContextMiddleware
+from app.api.openapi import MedmoAPI
+from app.engine.batcher import Batcher
+from app.engine.runtime import (
+    GenerationOptions,
+    ModelLoadError,
+    ModelRuntime,
+    PreparedRequest,
+    Runtime,
+    is_fatal_error,
+)
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """\
+Medical visual question answering, radiology reports and grounding from MedMO, a medical
+vision-language model built on Qwen3-VL. Send an image (PNG, JPEG, TIFF, BMP, WebP) as
+multipart/form-data in field `image`, or base64 in JSON, with the task's text fields.
+"""
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. With `runtime` given, that runtime is served instead of loading MEDMO_MODEL."""
+    service = Service(settings=settings or get_settings(), runtime=runtime)
+    app = MedmoAPI(
+        title="MedMO Serve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        task_fields=tasks.TASK_FIELDS,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(tasks.router)
+    app.include_router(ops.router)
+    app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
+    app.add_middleware(StartupFailureReporter, service=service)
+    return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service = app.state.service
+    assert isinstance(service, Service)
+    settings = service.settings
+    if service.runtime is None:
+        try:
+            service.runtime = await asyncio.to_thread(ModelRuntime.load, settings)
+        except ModelLoadError as exc:
+            service.startup_error = str(exc)
+            raise
+    batcher: TaskBatcher = Batcher(
+        service.runtime.generate,
+        batch_key=_generation_options,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        metrics=service.metrics,
+        is_fatal=is_fatal_error,
+    )
+    service.batcher = batcher
+    await batcher.start()
+    try:
+        yield
+    finally:
+        await batcher.stop()
+
+
+def _generation_options(prepared: PreparedRequest) -> GenerationOptions:
+    return prepared.options
+
+
+async def drain(app: FastAPI, grace_s: float) -> bool:
+    """Refuse new work (503, /readyz too) and wait for accepted work to finish. False if time ran out."""
+    service = app.state.service
+    assert isinstance(service, Service)
+    if service.batcher is None:
+        return True
+    service.batcher.begin_drain()
+    return await service.batcher.wait_idle(grace_s)
+
+
+class StartupFailureReporter:
+    """Report a model that cannot load as the one sentence saying why, not as a traceback.
+
+    uvicorn prints whatever message the lifespan sends with `lifespan.startup.failed`; Starlette sends the
+    formatted traceback. The sentence was already written for an operator, so it replaces it.
+    """
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_concisely(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.service.startup_error:
+                message = {**message, "message": self.service.startup_error}
+            await send(message)
+
+        await self.app(scope, receive, send_concisely)

@@ -1,0 +1,114 @@
+"""Service configuration: one pydantic-settings class, read from MEDMO_* variables, checked at startup."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BoxConvention = Literal["pixel", "rel1000"]
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Environment variables are the field names upper-cased with MEDMO_."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDMO_", extra="ignore", frozen=True)
+
+    # --- model ---
+    model: str = Field(
+        "MBZUAI/MedMO-8B-Next",
+        min_length=1,
+        description="Hugging Face hub id or local folder of a MedMO (Qwen3-VL) checkpoint.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (ROCm builds of torch also use cuda).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on a GPU, float32 on the CPU."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 when importable on a GPU, else sdpa."
+    )
+    system_prompt: str | None = Field(
+        None, description="Optional system message put before every request (MedMO's quick start uses none)."
+    )
+
+    # --- what the model sees ---
+    min_pixels: int = Field(256 * 256, ge=32 * 32, description="Smallest image area fed to the model.")
+    max_pixels: int = Field(
+        1280 * 1280,
+        ge=32 * 32,
+        description="Largest image area fed to the model (MedMO trained at 1280x1280).",
+    )
+    vqa_max_new_tokens: int = Field(256, ge=1, le=8192)
+    report_max_new_tokens: int = Field(1024, ge=1, le=8192)
+    ground_max_new_tokens: int = Field(512, ge=1, le=8192)
+    box_convention: BoxConvention = Field(
+        "pixel",
+        description="How the model writes boxes: pixel = absolute pixels of the model's input image (MedMO); "
+        "rel1000 = 0-1000 relative scale (base Qwen3-VL).",
+    )
+
+    # --- limits on what clients send ---
+    max_upload_bytes: int = Field(64 * MIB, ge=1024, description="Largest accepted image file, in bytes.")
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1024,
+        description="Largest decoded image area; more is treated as a decompression bomb.",
+    )
+
+    # --- batching and admission ---
+    max_batch_size: int = Field(16, ge=1, le=512, description="Most requests in one generate() call.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="How long a batch waits for more requests after its first one arrives."
+    )
+    max_queue: int = Field(256, ge=1, description="Requests admitted and waiting; more are refused with 429.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline per request (clients may lower it with X-Request-Timeout)."
+    )
+    shutdown_grace_s: float = Field(
+        60.0, ge=0, description="On SIGTERM, how long accepted requests may take to finish."
+    )
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"MEDMO_MIN_PIXELS ({self.min_pixels}) is larger than MEDMO_MAX_PIXELS ({self.max_pixels})"
+            )
+        if self.max_wait_ms / 1000 >= self.request_timeout_s:
+            raise ValueError(
+                f"MEDMO_MAX_WAIT_MS ({self.max_wait_ms}) must be shorter than MEDMO_REQUEST_TIMEOUT_S "
+                f"({self.request_timeout_s} s): a batch would wait past every deadline"
+            )
+        return self
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line an operator can act on, naming the environment variable rather than the Python field."""
+    problems = []
+    for item in error.errors():
+        where = "MEDMO_" + "_".join(str(part) for part in item["loc"]).upper() if item["loc"] else "settings"
+        problems.append(f"{where}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
