@@ -76,7 +76,7 @@ class Settings(BaseSettings):
 
     # --- HTTP ---
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device")

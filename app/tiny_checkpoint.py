@@ -26,6 +26,7 @@ from transformers import (
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
+from transformers.utils import logging as transformers_logging
 
 # Qwen's special tokens, in Qwen's order, so ids and roles match what MedMO's tokenizer has.
 SPECIAL_TOKENS = [
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model size (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     args = parser.parse_args(argv)
+    transformers_logging.disable_progress_bar()
     write_checkpoint(args.path, reply=args.reply, shape=args.shape, seed=args.seed)
     print(f"wrote {args.shape} checkpoint to {args.path}")
 

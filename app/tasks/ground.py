@@ -96,7 +96,7 @@ def _object_boxes(obj: dict[str, Any]) -> list[RawBox]:
     boxes = []
     for candidate in candidates:
         if len(candidate) == 4 and all(_is_number(v) for v in candidate):
-            x1, y1, x2, y2 = (float(v) for v in candidate)
+            x1, y1, x2, y2 = (_to_float(v) for v in candidate)
             boxes.append(RawBox(_clean_label(label), (x1, y1, x2, y2)))
     return boxes
 
@@ -143,6 +143,13 @@ def _clean_label(raw: str | None) -> str | None:
     label = _LIST_MARKER.sub("", label).strip(_LABEL_NOISE)
     label = " ".join(label.split())[:MAX_LABEL_CHARS]
     return label or None
+
+
+def _to_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer too long for a float: no image is that large
+        return math.inf
 
 
 def _is_number(value: object) -> bool:

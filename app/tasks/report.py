@@ -7,7 +7,11 @@ import re
 from app.schemas import Report, ReportFields
 from app.tasks.text import strip_wrappers
 
-_HEADING = r"(?:^|\n)[ \t]*(?:#+[ \t]*)?(?:\*\*)?[ \t]*{name}[ \t]*(?:\*\*)?[ \t]*:?[ \t]*(?:\*\*)?[ \t]*"
+# A heading is the word followed by a colon, or alone on its line (markdown # and ** allowed around it).
+_HEADING = (
+    r"(?:^|\n)[ \t]*(?:#+[ \t]*)?(?:\*\*)?[ \t]*{name}[ \t]*(?:\*\*)?[ \t]*"
+    r"(?::[ \t]*(?:\*\*)?|(?=\n|$))[ \t]*"
+)
 _FINDINGS = re.compile(_HEADING.format(name="findings"), re.IGNORECASE)
 _IMPRESSION = re.compile(_HEADING.format(name="(?:impressions?|conclusions?)"), re.IGNORECASE)
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny checkpoints written once per session, images, and apps serving them."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from app.tiny_checkpoint import write_checkpoint
+
+# MedMO's README grounding example: what the --reply checkpoints answer in the grounding tests.
+README_GROUNDING_REPLY = "Fractures <box>[[156, 516, 231, 607], [240, 529, 296, 581]]</box>"
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights: gibberish text, for pipeline mechanics."""
+    return write_checkpoint(tmp_path_factory.mktemp("random-checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def reply_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Checkpoints that answer a chosen text to any prompt, for the parsers."""
+    written: dict[str, Path] = {}
+
+    def checkpoint(reply: str) -> Path:
+        if reply not in written:
+            written[reply] = write_checkpoint(tmp_path_factory.mktemp("reply-checkpoint"), reply=reply)
+        return written[reply]
+
+    return checkpoint
+
+
+def settings_for(model: Path, **overrides: object) -> Settings:
+    return Settings(model=str(model), **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def random_client(random_checkpoint: Path) -> Iterator[TestClient]:
+    """One app serving the random checkpoint for the whole session: the model is loaded once."""
+    settings = settings_for(
+        random_checkpoint, vqa_max_new_tokens=8, report_max_new_tokens=8, ground_max_new_tokens=8
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        yield client
+
+
+def rgb_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def encode(picture: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def png_bytes(width: int = 96, height: int = 64, seed: int = 0) -> bytes:
+    return encode(rgb_image(width, height, seed))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A small, valid PNG that decodes to width x height grayscale pixels of zeros."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

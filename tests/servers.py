@@ -1,0 +1,74 @@
+"""Run `medmo-serve` as a real process on a free loopback port, the way an operator starts it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def console_script(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"{name} is not installed: pip install -e ."
+    return found
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+
+@contextmanager
+def serve(
+    model: Path, log_path: Path, env: Mapping[str, str] | None = None, ready_timeout_s: float = 120
+) -> Iterator[RunningServer]:
+    port = free_port()
+    environment = {**os.environ, "MEDMO_MODEL": str(model), "MEDMO_PORT": str(port), **(env or {})}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [console_script("medmo-serve")], env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = RunningServer(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"medmo-serve exited with {process.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"medmo-serve did not become ready:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

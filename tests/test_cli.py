@@ -1,0 +1,70 @@
+"""The console scripts, run as an operator runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from app.engine.runtime import GenerationOptions, ModelRuntime
+from app.settings import Settings
+from tests.conftest import png_bytes, rgb_image
+from tests.servers import console_script, serve
+
+
+def run_serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [console_script("medmo-serve"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_bad_configuration_is_one_line_and_exit_code_2() -> None:
+    result = run_serve(MEDMO_MAX_BATCH_SIZE="zero")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "MEDMO_MAX_BATCH_SIZE" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_cannot_load_stops_startup_with_one_sentence(tmp_path: Path) -> None:
+    result = run_serve("--model", str(tmp_path / "missing"), "--port", "0")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"MEDMO_MODEL='{tmp_path / 'missing'}' is not an existing folder" in result.stderr
+
+
+def test_serves_a_tiny_checkpoint_over_real_http(random_checkpoint: Path, tmp_path: Path) -> None:
+    with serve(random_checkpoint, tmp_path / "server.log") as server:
+        response = httpx.post(
+            f"{server.url}/vqa",
+            files={"image": ("a.png", png_bytes(), "image/png")},
+            data={"question": "Is this normal?"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == str(random_checkpoint)
+        assert server.terminate() == 0
+
+
+def test_tiny_checkpoint_script_writes_a_reply_checkpoint(
+    tmp_path: Path, reply_checkpoint: Callable[[str], Path]
+) -> None:
+    reply = "Findings: no acute abnormality.\n\nImpression: normal."
+    subprocess.run(
+        [console_script("medmo-tiny-checkpoint"), str(tmp_path), "--reply", reply], check=True, timeout=120
+    )
+    runtime = ModelRuntime.load(Settings(model=str(tmp_path)))
+    options = GenerationOptions(max_new_tokens=16)
+    prepared = [
+        runtime.prepare(rgb_image(w, h), q, options)
+        for w, h, q in ((64, 64, "a"), (200, 96, "something longer"))
+    ]
+    assert [g.text for g in runtime.generate(prepared)] == [reply, reply]  # batched
+    assert runtime.generate(prepared[1:])[0].text == reply  # alone
