@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -68,3 +71,32 @@ def test_tiny_checkpoint_script_writes_a_reply_checkpoint(
     ]
     assert [g.text for g in runtime.generate(prepared)] == [reply, reply]  # batched
     assert runtime.generate(prepared[1:])[0].text == reply  # alone
+
+
+def test_sigterm_drains_accepted_work_refuses_new_work_then_exits(
+    random_checkpoint: Path, tmp_path: Path
+) -> None:
+    env = {"MEDMO_REPORT_MAX_NEW_TOKENS": "4000", "MEDMO_SHUTDOWN_GRACE_S": "60"}
+    with serve(random_checkpoint, tmp_path / "server.log", env=env) as server, ThreadPoolExecutor(1) as pool:
+        long_report = pool.submit(
+            httpx.post,
+            f"{server.url}/report",
+            files={"image": ("a.png", png_bytes(96, 64), "image/png")},
+            timeout=120,
+        )
+        deadline = time.monotonic() + 30
+        while "medmo_batch_size_count 1.0" not in httpx.get(f"{server.url}/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert httpx.get(f"{server.url}/readyz").status_code == 503
+        refused = httpx.post(
+            f"{server.url}/vqa", files={"image": ("a.png", png_bytes(), "image/png")}, data={"question": "q"}
+        )
+        assert refused.status_code == 503
+        assert not long_report.done()
+        finished = long_report.result()
+        assert finished.status_code == 200
+        assert finished.json()["usage"]["completion_tokens"] == 4000  # it really was in flight throughout
+        assert server.process.wait(30) == 0
