@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"medmo-serve: {describe_validation_error(exc)}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    run_server(create_app(settings), settings)
+
+
+def run_server(app: FastAPI, settings: Settings) -> None:
+    """Serve `app` with uvicorn until SIGTERM has drained it (or a second signal); exit 3 if it never started."""
     config = uvicorn.Config(
         app,
         host=settings.host,

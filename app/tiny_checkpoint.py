@@ -217,10 +217,13 @@ def build_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
 ) -> Qwen3VLForConditionalGeneration:
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
+        model = Qwen3VLForConditionalGeneration._from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
     model.eval()
     text_config = config.get_text_config()
     model.generation_config = GenerationConfig(

@@ -14,8 +14,8 @@ import httpx
 
 from app.engine.runtime import GenerationOptions, ModelRuntime
 from app.settings import Settings
+from bench.servers import console_script, serve
 from tests.conftest import png_bytes, rgb_image
-from tests.servers import console_script, serve
 
 
 def run_serve(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

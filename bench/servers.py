@@ -1,4 +1,7 @@
-"""Run `medmo-serve` as a real process on a free loopback port, the way an operator starts it."""
+"""Run the server as a real process on a free loopback port, the way an operator starts it.
+
+Used by the benchmarks and by the tests that need a real HTTP server (signals, real clients).
+"""
 
 from __future__ import annotations
 
@@ -45,13 +48,20 @@ class RunningServer:
 
 @contextmanager
 def serve(
-    model: Path, log_path: Path, env: Mapping[str, str] | None = None, ready_timeout_s: float = 120
+    model: Path | None,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 120,
+    command: list[str] | None = None,
 ) -> Iterator[RunningServer]:
+    """Start `medmo-serve` for `model` (or `command`, configured by MEDMO_* in `env`) and wait until ready."""
     port = free_port()
-    environment = {**os.environ, "MEDMO_MODEL": str(model), "MEDMO_PORT": str(port), **(env or {})}
+    environment = {**os.environ, "MEDMO_PORT": str(port), **(env or {})}
+    if model is not None:
+        environment["MEDMO_MODEL"] = str(model)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [console_script("medmo-serve")], env=environment, stdout=log, stderr=subprocess.STDOUT
+            command or [console_script("medmo-serve")], env=environment, stdout=log, stderr=subprocess.STDOUT
         )
     server = RunningServer(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     try:
