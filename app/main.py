@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -73,11 +74,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         is_fatal=is_fatal_error,
     )
     service.batcher = batcher
+    service.prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="medmo-prepare")
     await batcher.start()
     try:
         yield
     finally:
         await batcher.stop()
+        service.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _generation_options(prepared: PreparedRequest) -> GenerationOptions:

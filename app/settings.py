@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         10.0, ge=0, description="How long a batch waits for more requests after its first one arrives."
     )
     max_queue: int = Field(256, ge=1, description="Requests admitted and waiting; more are refused with 429.")
+    prepare_workers: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Threads decoding and preprocessing uploads while the model runs. More than a few only "
+        "compete with generate() for the interpreter lock and slow every batch down.",
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Deadline per request (clients may lower it with X-Request-Timeout)."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -22,6 +23,7 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
     batcher: TaskBatcher | None = None
+    prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
 
     def options(self, task: TaskName) -> GenerationOptions:
@@ -39,9 +41,19 @@ def get_service(request: Request) -> Service:
     return service
 
 
-def get_running(request: Request) -> tuple[Service, Runtime, TaskBatcher]:
-    """The service with its model loaded and its batcher started, or a 503."""
+@dataclass(frozen=True)
+class Running:
+    """A service whose model is loaded and whose batcher and preparation threads are started."""
+
+    service: Service
+    runtime: Runtime
+    batcher: TaskBatcher
+    prepare_pool: ThreadPoolExecutor
+
+
+def get_running(request: Request) -> Running:
+    """The running service, or a 503 while the model is not loaded."""
     service = get_service(request)
-    if service.runtime is None or service.batcher is None:
+    if service.runtime is None or service.batcher is None or service.prepare_pool is None:
         raise ApiError(503, "unavailable", "the model is not loaded yet")
-    return service, service.runtime, service.batcher
+    return Running(service, service.runtime, service.batcher, service.prepare_pool)

@@ -44,9 +44,10 @@ async def readyz(request: Request) -> JSONResponse:
     "/info", response_model=Info, summary="The model being served, its device and the limits in force"
 )
 async def info(request: Request) -> Info:
-    service, runtime, _ = get_running(request)
+    running = get_running(request)
+    service = running.service
     settings = service.settings
-    described = runtime.description
+    described = running.runtime.description
     return Info(
         model=described.model,
         revision=described.revision,

@@ -68,8 +68,10 @@ async def run_task(
     timeout_s: float | None,
 ) -> TaskRun[FieldsT]:
     started = time.monotonic()
-    service, runtime, batcher = get_running(request)
+    running = get_running(request)
+    service, runtime, batcher = running.service, running.runtime, running.batcher
     settings = service.settings
+    loop = asyncio.get_running_loop()
     record = request_record(request)
     record.task = task
     budget = settings.request_timeout_s if timeout_s is None else min(timeout_s, settings.request_timeout_s)
@@ -81,11 +83,16 @@ async def run_task(
                 upload = await read_task_upload(
                     request, fields_model, max_image_bytes=settings.max_upload_bytes
                 )
-                image = await asyncio.to_thread(decode_image, upload.image, limits)
+                # CPU work, in a small pool of its own: it overlaps with the batch being generated.
+                image = await loop.run_in_executor(running.prepare_pool, decode_image, upload.image, limits)
                 record.image_width, record.image_height = image.width, image.height
                 record.image_format = image.source_format
-                prepared = await asyncio.to_thread(
-                    runtime.prepare, image.picture, prompt(upload.fields), service.options(task)
+                prepared = await loop.run_in_executor(
+                    running.prepare_pool,
+                    runtime.prepare,
+                    image.picture,
+                    prompt(upload.fields),
+                    service.options(task),
                 )
                 completed = await cancel_on_disconnect(
                     request, batcher.submit(admission, prepared, deadline_s=deadline)
