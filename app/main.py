@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,13 +75,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         is_fatal=is_fatal_error,
     )
     service.batcher = batcher
-    service.prepare_pool = ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="medmo-prepare")
+    service.prepare_pool = ThreadPoolExecutor(
+        settings.prepare_workers, thread_name_prefix="medmo-prepare", initializer=_single_threaded_torch
+    )
     await batcher.start()
     try:
         yield
     finally:
         await batcher.stop()
         service.prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _single_threaded_torch() -> None:
+    """Preparation threads run torch's CPU ops (resize, normalise) without an OpenMP team of their own.
+
+    Each thread that runs torch ops gets a team as large as the machine; a few such teams oversubscribe
+    the cores, and then every thread, the one driving generate() included, waits on descheduled workers.
+    Parallelism across requests comes from the pool itself.
+    """
+    torch.set_num_threads(1)
 
 
 def _generation_options(prepared: PreparedRequest) -> GenerationOptions:

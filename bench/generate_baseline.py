@@ -20,9 +20,18 @@ import torch
 from PIL import Image
 
 from app.engine.runtime import GenerationOptions, collate
+from app.schemas import GroundFields, ReportFields
 from app.settings import Settings
+from app.tasks.ground import ground_prompt
+from app.tasks.report import report_prompt
 from app.tiny_checkpoint import SHAPES
 from bench.server import build_runtime
+
+PROMPTS = [
+    "Is there a pleural effusion?",
+    report_prompt(ReportFields(modality="chest X-ray", indication="shortness of breath")),
+    ground_prompt(GroundFields(), "pixel"),
+]
 
 
 def synchronize() -> None:
@@ -36,6 +45,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument(
+        "--mixed-prompts",
+        action="store_true",
+        help="use the three tasks' prompts in turn, so the batch needs padding as served batches do",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -48,10 +62,10 @@ def main() -> None:
         prepared = [
             runtime.prepare(
                 Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)),
-                "Is there a pleural effusion?",
+                PROMPTS[n % len(PROMPTS)] if args.mixed_prompts else PROMPTS[0],
                 options,
             )
-            for _ in range(batch_size)
+            for n in range(batch_size)
         ]
         inputs = {
             k: v.to(model.device)
@@ -69,7 +83,7 @@ def main() -> None:
             elapsed = time.perf_counter() - began
         result = {
             "batch": batch_size,
-            "prompt_tokens": prepared[0].prompt_tokens,
+            "prompt_tokens": sorted({p.prompt_tokens for p in prepared}),
             "new_tokens": args.max_new_tokens,
             "wall_s": round(elapsed, 3),
             "tokens_per_s": round(batch_size * args.max_new_tokens / elapsed, 1),
