@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from datetime import UTC, datetime
 
 
@@ -27,6 +28,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _log_warning_without_text(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object, **__: object
+) -> None:
+    # A warning's text can quote what it is about (a DICOM value, a field of a request): only where it
+    # came from is logged.
+    logging.getLogger("medmo.warnings").warning(
+        "library warning", extra={"fields": {"category": category.__name__, "at": f"{filename}:{lineno}"}}
+    )
+
+
 def configure_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -42,3 +53,6 @@ def configure_logging(level: str = "info") -> None:
     # Libraries that chat at INFO about downloads and weights.
     for noisy in ("httpx", "huggingface_hub", "transformers", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # pydicom logs what it reads at DEBUG, and its warnings quote element values: patient data.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.showwarning = _log_warning_without_text

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.imaging.dicom import WINDOW_PATTERN
 from app.settings import BoxConvention
 
 TaskName = Literal["vqa", "report", "ground"]
@@ -16,6 +17,23 @@ TaskName = Literal["vqa", "report", "ground"]
 
 class TaskFields(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    window: str | None = Field(
+        None,
+        max_length=32,
+        pattern=WINDOW_PATTERN,
+        description="DICOM grayscale only: the window to display the image with, a preset (lung, mediastinum, "
+        "soft_tissue, bone, brain) or 'center,width' in modality units (Hounsfield for CT). Default: the "
+        "window stored in the file, else the full range.",
+        examples=["lung", "40,400"],
+    )
+    frame: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="DICOM only: the frame of a multi-frame object to read, 1 being the first. Default: the middle one.",
+        examples=[12],
+    )
 
 
 class VqaFields(TaskFields):
@@ -73,10 +91,34 @@ class Timing(BaseModel):
     total_ms: float = Field(description="Time from receiving the request to answering it.", examples=[1901.2])
 
 
+class WindowInfo(BaseModel):
+    center: float | None = Field(description="Window centre in modality units; null for a VOI LUT table.")
+    width: float | None = Field(description="Window width in modality units; null for a VOI LUT table.")
+    source: str = Field(
+        description="request, a preset's name, file (the first window stored in the file), voi_lut, or "
+        "full_range (no window anywhere: the values present were stretched).",
+        examples=["file"],
+    )
+
+
+class DicomInfo(BaseModel):
+    """The source instance, by identifiers only: no patient data is ever returned."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str | None = Field(examples=["CT"])
+    frame: int = Field(description="The frame that was read, 1 being the first.")
+    frames: int = Field(description="Frames in the object.")
+    window: WindowInfo | None = Field(description="How grayscale values were displayed; null for colour.")
+
+
 class TaskResponse(BaseModel):
     request_id: str = Field(description="Identifier of this request, also in the X-Request-ID header.")
     model: str = Field(description="The model that answered.", examples=["MBZUAI/MedMO-8B-Next"])
     image: ImageSize
+    dicom: DicomInfo | None = Field(None, description="Present when the upload was DICOM.")
     usage: Usage
     timing: Timing
 

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import settings as hypothesis_settings
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from app.main import create_app
 from app.settings import Settings
@@ -88,3 +89,10 @@ def png_bomb(width: int, height: int) -> bytes:
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def pydicom_file(name: str) -> bytes:
+    """A real DICOM file from the test data pydicom ships (none of it written here)."""
+    path = get_testdata_file(name)
+    assert path is not None, f"{name} is not among pydicom's test files"
+    return Path(path).read_bytes()

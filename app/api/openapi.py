@@ -1,8 +1,10 @@
-"""OpenAPI for the task routes: each takes multipart/form-data or JSON, documented as two named schemas.
+"""OpenAPI for the task routes: each takes multipart/form-data, JSON or a raw DICOM file.
 
-The routes read their bodies themselves (one reader for both encodings, with size limits enforced while
+The routes read their bodies themselves (one reader for every encoding, with size limits enforced while
 reading), so FastAPI cannot derive the request schemas; they are built here from the same field models
-that validate the requests, and registered as components so generated clients get named types.
+that validate the requests, and registered as components so generated clients get named types. A raw
+DICOM body carries the fields as query parameters; a client asking for application/dicom gets a
+Structured Report back.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from app.schemas import ErrorResponse, TaskFields
 _IMAGE_UPLOAD = {
     "type": "string",
     "format": "binary",
-    "description": "The image file: PNG, JPEG, TIFF, BMP or WebP.",
+    "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
 }
+_BINARY = {"type": "string", "format": "binary"}
 _IMAGE_BASE64 = {
     "type": "string",
     "contentEncoding": "base64",
@@ -29,6 +32,10 @@ _IMAGE_BASE64 = {
 TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Unreadable image or malformed body."},
     413: {"model": ErrorResponse, "description": "Body, image file or decoded image larger than allowed."},
+    406: {
+        "model": ErrorResponse,
+        "description": "Accept names neither JSON nor DICOM, or DICOM for a non-DICOM image.",
+    },
     415: {"model": ErrorResponse, "description": "Unsupported media type or image format."},
     422: {
         "model": ErrorResponse,
@@ -54,16 +61,40 @@ def _schema_names(fields_model: type[TaskFields]) -> tuple[str, str]:
 
 
 def task_request_body(fields_model: type[TaskFields]) -> dict[str, Any]:
-    """`openapi_extra` for a task route: the same fields as a multipart upload or as JSON."""
+    """`openapi_extra` for a task route: the same fields as a multipart upload, as JSON, or as query
+    parameters beside a raw DICOM body; and a Structured Report as the alternative response."""
     upload, as_json = _schema_names(fields_model)
+    fields = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    query = [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {key: value for key, value in schema.items() if key not in ("title", "examples")},
+            "description": "With an application/dicom body only"
+            + (" (required then)" if name in fields.get("required", []) else "")
+            + ": "
+            + schema.get("description", name),
+        }
+        for name, schema in fields.get("properties", {}).items()
+    ]
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{upload}"}},
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{as_json}"}},
+                "application/dicom": {"schema": _BINARY},
             },
-        }
+        },
+        "parameters": query,
+        "responses": {
+            "200": {
+                "content": {"application/dicom": {"schema": _BINARY}},
+                "description": "JSON, or with Accept: application/dicom and a DICOM upload, a DICOM "
+                "Comprehensive Structured Report in the source's study.",
+            }
+        },
     }
 
 

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from fastapi import Request
@@ -20,8 +21,8 @@ from app.api.middleware import request_record
 from app.api.uploads import FieldsT, read_task_upload
 from app.engine.batcher import DeadlineExceededError
 from app.engine.runtime import Generation
-from app.imaging import DecodedImage, ImageLimits, decode_image
-from app.schemas import ImageSize, TaskName, Timing, Usage
+from app.imaging import DecodedImage, DicomSource, ImageLimits, decode_image
+from app.schemas import DicomInfo, ImageSize, TaskName, Timing, Usage, WindowInfo
 
 T = TypeVar("T")
 
@@ -30,6 +31,7 @@ T = TypeVar("T")
 class TaskRun(Generic[FieldsT]):
     request_id: str
     model: str
+    revision: str | None
     fields: FieldsT
     image: DecodedImage
     model_input_size: tuple[int, int]
@@ -48,6 +50,7 @@ class TaskRun(Generic[FieldsT]):
             "request_id": self.request_id,
             "model": self.model,
             "image": ImageSize(width=self.image.width, height=self.image.height),
+            "dicom": dicom_info(self.image.dicom),
             "usage": Usage(
                 prompt_tokens=self.generation.prompt_tokens,
                 completion_tokens=self.generation.completion_tokens,
@@ -66,7 +69,11 @@ async def run_task(
     fields_model: type[FieldsT],
     prompt: Callable[[FieldsT], str],
     timeout_s: float | None,
+    *,
+    dicom_source_required: bool = False,
 ) -> TaskRun[FieldsT]:
+    """Run one task request through the model. With `dicom_source_required` (the client wants a DICOM
+    Structured Report back), an upload that is not DICOM is refused before the model runs."""
     started = time.monotonic()
     running = get_running(request)
     service, runtime, batcher = running.service, running.runtime, running.batcher
@@ -84,9 +91,18 @@ async def run_task(
                     request, fields_model, max_image_bytes=settings.max_upload_bytes
                 )
                 # CPU work, in a small pool of its own: it overlaps with the batch being generated.
-                image = await loop.run_in_executor(running.prepare_pool, decode_image, upload.image, limits)
+                fields = upload.fields
+                image = await loop.run_in_executor(
+                    running.prepare_pool,
+                    partial(decode_image, upload.image, limits, frame=fields.frame, window=fields.window),
+                )
                 record.image_width, record.image_height = image.width, image.height
                 record.image_format = image.source_format
+                record.modality = image.dicom.modality if image.dicom else None
+                if dicom_source_required and image.dicom is None:
+                    raise ApiError(
+                        406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image"
+                    )
                 prepared = await loop.run_in_executor(
                     running.prepare_pool,
                     runtime.prepare,
@@ -106,6 +122,7 @@ async def run_task(
     return TaskRun(
         request_id=record.request_id,
         model=runtime.description.model,
+        revision=runtime.description.revision,
         fields=upload.fields,
         image=image,
         model_input_size=prepared.model_input_size,
@@ -114,6 +131,29 @@ async def run_task(
         inference_s=completed.inference_s,
         started=started,
     )
+
+
+def dicom_info(source: DicomSource | None) -> DicomInfo | None:
+    if source is None:
+        return None
+    window = source.window
+    return DicomInfo(
+        study_instance_uid=source.study_instance_uid,
+        series_instance_uid=source.series_instance_uid,
+        sop_instance_uid=source.sop_instance_uid,
+        sop_class_uid=source.sop_class_uid,
+        modality=source.modality,
+        frame=source.frame,
+        frames=source.frames,
+        window=None
+        if window is None
+        else WindowInfo(center=window.center, width=window.width, source=window.source),
+    )
+
+
+async def in_prepare_pool(request: Request, work: Callable[[], T]) -> T:
+    """Run CPU work (building a report, say) on the threads that decode and prepare uploads."""
+    return await asyncio.get_running_loop().run_in_executor(get_running(request).prepare_pool, work)
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

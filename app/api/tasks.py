@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 
 from app.api.deps import get_service
+from app.api.negotiation import DICOM, wants_dicom
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
-from app.api.pipeline import run_task
+from app.api.pipeline import TaskRun, in_prepare_pool, run_task
+from app.api.uploads import FieldsT
+from app.imaging import DicomSource
+from app.outputs.dicom_sr import Author, grounding_report, radiology_report, vqa_report
 from app.schemas import (
     GroundFields,
     GroundResponse,
@@ -52,9 +57,17 @@ RequestId = Annotated[
 )
 async def vqa(
     request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> VqaResponse:
-    run = await run_task(request, "vqa", VqaFields, vqa_prompt, x_request_timeout)
-    return VqaResponse(**run.envelope(), answer=parse_answer(run.generation.text))
+) -> VqaResponse | Response:
+    as_dicom = wants_dicom(request.headers.get("accept"))
+    run = await run_task(
+        request, "vqa", VqaFields, vqa_prompt, x_request_timeout, dicom_source_required=as_dicom
+    )
+    answer = parse_answer(run.generation.text)
+    if as_dicom:
+        return await structured_report(
+            request, run, lambda source, author: vqa_report(source, author, run.fields.question, answer)
+        )
+    return VqaResponse(**run.envelope(), answer=answer)
 
 
 @router.post(
@@ -66,9 +79,19 @@ async def vqa(
 )
 async def report(
     request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> ReportResponse:
-    run = await run_task(request, "report", ReportFields, report_prompt, x_request_timeout)
-    return ReportResponse(**run.envelope(), report=parse_report(run.generation.text))
+) -> ReportResponse | Response:
+    as_dicom = wants_dicom(request.headers.get("accept"))
+    run = await run_task(
+        request, "report", ReportFields, report_prompt, x_request_timeout, dicom_source_required=as_dicom
+    )
+    parsed = parse_report(run.generation.text)
+    if as_dicom:
+        return await structured_report(
+            request,
+            run,
+            lambda source, author: radiology_report(source, author, parsed, run.fields.indication),
+        )
+    return ReportResponse(**run.envelope(), report=parsed)
 
 
 @router.post(
@@ -80,12 +103,36 @@ async def report(
 )
 async def ground(
     request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> GroundResponse:
+) -> GroundResponse | Response:
+    as_dicom = wants_dicom(request.headers.get("accept"))
     convention = get_service(request).settings.box_convention
     run = await run_task(
-        request, "ground", GroundFields, lambda fields: ground_prompt(fields, convention), x_request_timeout
+        request,
+        "ground",
+        GroundFields,
+        lambda fields: ground_prompt(fields, convention),
+        x_request_timeout,
+        dicom_source_required=as_dicom,
     )
     findings = parse_findings(run.generation.text, convention, run.model_input_size, run.image_size)
+    if as_dicom:
+        return await structured_report(
+            request, run, lambda source, author: grounding_report(source, author, findings, run.fields.target)
+        )
     return GroundResponse(
         **run.envelope(), findings=findings, box_convention=convention, raw_text=run.generation.text
+    )
+
+
+async def structured_report(
+    request: Request, run: TaskRun[FieldsT], build: Callable[[DicomSource, Author], bytes]
+) -> Response:
+    """The result as a DICOM Structured Report in the source's study, built off the event loop."""
+    source = run.image.dicom
+    assert source is not None  # run_task refused non-DICOM uploads when a report was asked for
+    author = Author(model=run.model, revision=run.revision)
+    document = await in_prepare_pool(request, lambda: build(source, author))
+    filename = f"medmo-{run.request_id}.dcm"
+    return Response(
+        document, media_type=DICOM, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )

@@ -1,4 +1,5 @@
-"""Read a task request's body: the image and the text fields, as multipart/form-data or as JSON.
+"""Read a task request's body: the image and the text fields, as multipart/form-data, as JSON, or as a
+raw DICOM file (application/dicom) with the fields in the query string, as a PACS sends it.
 
 The body is read in chunks and refused with 413 as soon as it passes its limit (and before reading at all
 when Content-Length already says so). Multipart uploads are parsed in memory: patient images written to
@@ -27,7 +28,7 @@ FieldsT = TypeVar("FieldsT", bound=TaskFields)
 # Room for the text fields and the multipart framing around the image.
 FIELDS_ALLOWANCE_BYTES = 256 * 1024
 IMAGE_FIELD = "image"
-ACCEPTED_MEDIA_TYPES = ("multipart/form-data", "application/json")
+DICOM_MEDIA_TYPE = "application/dicom"
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,13 @@ async def read_task_upload(
         return await _read_multipart(request, fields_model, limit)
     if media_type == "application/json" or media_type.endswith("+json"):
         return await _read_json(request, fields_model, limit)
+    if media_type == DICOM_MEDIA_TYPE:
+        return await _read_dicom(request, fields_model, max_image_bytes)
     raise ApiError(
         415,
         "unsupported_media_type",
-        "send multipart/form-data with the image file in field 'image', "
-        "or application/json with the image base64-encoded in 'image'",
+        "send multipart/form-data with the image file in field 'image', application/json with the image "
+        "base64-encoded in 'image', or a DICOM file as application/dicom with the fields in the query string",
     )
 
 
@@ -91,6 +94,7 @@ class _InMemoryMultiPartParser(MultiPartParser):
 
 
 async def _read_multipart(request: Request, fields_model: type[FieldsT], limit: int) -> TaskUpload[FieldsT]:
+    _reject_query_fields(request)
     parser = _InMemoryMultiPartParser(
         request.headers, _bounded(request, limit), max_files=1, max_fields=16, max_part_size=64 * 1024
     )
@@ -121,6 +125,7 @@ async def _read_multipart(request: Request, fields_model: type[FieldsT], limit: 
 
 
 async def _read_json(request: Request, fields_model: type[FieldsT], limit: int) -> TaskUpload[FieldsT]:
+    _reject_query_fields(request)
     body = b"".join([chunk async for chunk in _bounded(request, limit)])
     if not body.strip():
         raise ApiError(400, "bad_request", "the request body is empty")
@@ -137,6 +142,26 @@ async def _read_json(request: Request, fields_model: type[FieldsT], limit: int) 
     if not isinstance(encoded, str):
         raise ApiError(422, "invalid_request", "image: must be a base64 string or a data URI")
     return TaskUpload(fields=fields, image=decode_base64_image(encoded))
+
+
+async def _read_dicom(
+    request: Request, fields_model: type[FieldsT], max_image_bytes: int
+) -> TaskUpload[FieldsT]:
+    fields: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name in fields:
+            raise ApiError(422, "invalid_request", f"{name}: given more than once")
+        fields[name] = value
+    validated = _validate_fields(fields_model, fields)
+    body = b"".join([chunk async for chunk in _bounded(request, max_image_bytes)])
+    return TaskUpload(fields=validated, image=body)
+
+
+def _reject_query_fields(request: Request) -> None:
+    if request.query_params:
+        raise ApiError(
+            422, "invalid_request", "query parameters carry the fields only with an application/dicom body"
+        )
 
 
 def _validate_fields(fields_model: type[FieldsT], values: Mapping[str, object]) -> FieldsT:

@@ -25,7 +25,7 @@ def decode_raster(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
         picture = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
         raise UnreadableImageError(
-            "the upload is not a readable image (accepted: PNG, JPEG, TIFF, BMP, WebP)"
+            "the upload is not a readable image (accepted: PNG, JPEG, TIFF, BMP, WebP or DICOM)"
         ) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports malformed headers all three ways
         raise UnreadableImageError("the image header is corrupt") from exc
@@ -33,7 +33,7 @@ def decode_raster(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
     file_format = picture.format or "unknown"
     if file_format not in ACCEPTED_FORMATS:
         raise UnsupportedImageError(
-            f"{file_format} images are not accepted (accepted: PNG, JPEG, TIFF, BMP, WebP)"
+            f"{file_format} images are not accepted (accepted: PNG, JPEG, TIFF, BMP, WebP or DICOM)"
         )
     width, height = picture.size
     if width * height > max_pixels:

@@ -88,9 +88,9 @@ async def test_a_full_queue_answers_429_before_decoding(
 ) -> None:
     decoded: list[int] = []
 
-    def spying_decoder(data: bytes, limits: Any) -> Any:
+    def spying_decoder(data: bytes, limits: Any, **options: Any) -> Any:
         decoded.append(len(data))
-        return decode_image(data, limits)
+        return decode_image(data, limits, **options)
 
     monkeypatch.setattr(app.api.pipeline, "decode_image", spying_decoder)
     runtime.gate.clear()

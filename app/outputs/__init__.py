@@ -1,0 +1,1 @@
+"""Other encodings of a result than JSON: DICOM Structured Reports."""
