@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"medmo-serve: {describe_validation_error(exc)}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
-    run_server(create_app(settings), settings)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # an API key file that cannot be read or holds a weak key
+        print(f"medmo-serve: {exc}", file=sys.stderr)
+        sys.exit(2)
+    run_server(app, settings)
 
 
 def run_server(app: FastAPI, settings: Settings) -> None:
@@ -80,6 +85,7 @@ def run_server(app: FastAPI, settings: Settings) -> None:
         lifespan="on",
         timeout_graceful_shutdown=5,
         timeout_keep_alive=15,
+        limit_concurrency=settings.max_connections,
     )
     server = DrainingServer(config, app, settings.shutdown_grace_s)
     server.run()

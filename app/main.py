@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from app import __version__
 from app.api import ops, tasks
 from app.api.deps import Service, TaskBatcher
 from app.api.errors import install_error_handlers
+from app.api.keys import ApiKeys
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import MedmoAPI
 from app.engine.batcher import Batcher
@@ -28,6 +30,8 @@ from app.engine.runtime import (
 )
 from app.settings import Settings, get_settings
 
+logger = logging.getLogger("medmo.startup")
+
 DESCRIPTION = """\
 Medical visual question answering, radiology reports and grounding from MedMO, a medical
 vision-language model built on Qwen3-VL. Send an image (PNG, JPEG, TIFF, BMP, WebP) as
@@ -37,7 +41,8 @@ multipart/form-data in field `image`, or base64 in JSON, with the task's text fi
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """Build the app. With `runtime` given, that runtime is served instead of loading MEDMO_MODEL."""
-    service = Service(settings=settings or get_settings(), runtime=runtime)
+    settings = settings or get_settings()
+    service = Service(settings=settings, api_keys=ApiKeys.from_settings(settings), runtime=runtime)
     app = MedmoAPI(
         title="MedMO Serve",
         version=__version__,
@@ -65,6 +70,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except ModelLoadError as exc:
             service.startup_error = str(exc)
             raise
+    if not service.api_keys.enabled:
+        logger.warning(
+            "NO API KEYS CONFIGURED: every route is open to anyone who can reach this port. "
+            "Set MEDMO_API_KEYS or MEDMO_API_KEY_FILE."
+        )
     batcher: TaskBatcher = Batcher(
         service.runtime.generate,
         batch_key=_generation_options,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BoxConvention = Literal["pixel", "rel1000"]
@@ -55,6 +56,9 @@ class Settings(BaseSettings):
 
     # --- limits on what clients send ---
     max_upload_bytes: int = Field(64 * MIB, ge=1024, description="Largest accepted image file, in bytes.")
+    max_dicom_frames: int = Field(
+        10_000, ge=1, description="Most frames a DICOM object may declare; more is refused with 413."
+    )
     max_image_pixels: int = Field(
         50_000_000,
         ge=1024,
@@ -81,7 +85,22 @@ class Settings(BaseSettings):
         60.0, ge=0, description="On SIGTERM, how long accepted requests may take to finish."
     )
 
+    # --- access ---
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys clients must send (Bearer or X-API-Key); unset: open."
+    )
+    api_key_file: Path | None = Field(
+        None, description="File with one API key per line ('#' comments); re-read when it changes."
+    )
+    metrics_require_key: bool = Field(False, description="Require an API key for /metrics too.")
+
     # --- HTTP ---
+    upload_timeout_s: float = Field(
+        60.0, gt=0, description="Time allowed to receive a request's body; slower uploads get 408."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections uvicorn accepts before answering 503 itself."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -91,6 +110,13 @@ class Settings(BaseSettings):
     def _known_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_keys(value.get_secret_value().split(","))
         return value
 
     @model_validator(mode="after")
@@ -105,6 +131,17 @@ class Settings(BaseSettings):
                 f"({self.request_timeout_s} s): a batch would wait past every deadline"
             )
         return self
+
+
+MIN_KEY_LENGTH = 16
+
+
+def check_keys(keys: list[str]) -> list[str]:
+    """Keys as given, stripped; a short key is refused: it can be guessed."""
+    cleaned = [key.strip() for key in keys if key.strip()]
+    if any(len(key) < MIN_KEY_LENGTH for key in cleaned):
+        raise ValueError(f"every API key must be at least {MIN_KEY_LENGTH} characters long")
+    return cleaned
 
 
 def describe_validation_error(error: ValidationError) -> str:

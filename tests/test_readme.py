@@ -17,7 +17,8 @@ def test_every_setting_is_in_the_configuration_table_with_its_default() -> None:
         variable = f"MEDMO_{name.upper()}"
         assert variable in rows, f"{variable} is missing from the README's configuration table"
         if field.default is not None:
-            assert rows[variable].strip().strip("`") == str(field.default).removesuffix(".0"), variable
+            default = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
+            assert rows[variable].strip().strip("`") == default.removesuffix(".0"), variable
     assert set(rows) == {f"MEDMO_{name.upper()}" for name in Settings.model_fields}
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from app.api.errors import ApiError
+from app.api.keys import ApiKeys
 from app.engine.batcher import Batcher
 from app.engine.runtime import Generation, GenerationOptions, PreparedRequest, Runtime
 from app.metrics import Metrics
@@ -20,6 +21,7 @@ TaskBatcher = Batcher[PreparedRequest, Generation]
 @dataclass
 class Service:
     settings: Settings
+    api_keys: ApiKeys
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
     batcher: TaskBatcher | None = None

@@ -31,6 +31,8 @@ _IMAGE_BASE64 = {
 
 TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Unreadable image or malformed body."},
+    401: {"model": ErrorResponse, "description": "A valid API key is required."},
+    408: {"model": ErrorResponse, "description": "The body did not arrive within the upload timeout."},
     413: {"model": ErrorResponse, "description": "Body, image file or decoded image larger than allowed."},
     406: {
         "model": ErrorResponse,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.auth import require_api_key, require_api_key_for_metrics
 from app.api.deps import get_running, get_service
 from app.engine.batcher import EngineState
-from app.schemas import Health, Info, Limits
+from app.schemas import ErrorResponse, Health, Info, Limits
 
 router = APIRouter(tags=["operations"])
 
@@ -41,7 +42,11 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get(
-    "/info", response_model=Info, summary="The model being served, its device and the limits in force"
+    "/info",
+    response_model=Info,
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": ErrorResponse, "description": "A valid API key is required."}},
+    summary="The model being served, its device and the limits in force",
 )
 async def info(request: Request) -> Info:
     running = get_running(request)
@@ -70,7 +75,11 @@ async def info(request: Request) -> Info:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
+    dependencies=[Depends(require_api_key_for_metrics)],
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
+        401: {"model": ErrorResponse, "description": "With MEDMO_METRICS_REQUIRE_KEY, a key is required."},
+    },
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:

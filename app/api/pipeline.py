@@ -83,7 +83,11 @@ async def run_task(
     record.task = task
     budget = settings.request_timeout_s if timeout_s is None else min(timeout_s, settings.request_timeout_s)
     deadline = started + budget
-    limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+    limits = ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_frames=settings.max_dicom_frames,
+    )
     with batcher.admit() as admission:
         try:
             async with asyncio.timeout(budget):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
+from app.api.auth import require_api_key
 from app.api.deps import get_service
 from app.api.negotiation import DICOM, wants_dicom
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
@@ -28,7 +29,7 @@ from app.tasks.vqa import parse_answer, vqa_prompt
 
 TASK_FIELDS = (VqaFields, ReportFields, GroundFields)
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(tags=["tasks"], dependencies=[Depends(require_api_key)])
 
 RequestTimeout = Annotated[
     float | None,

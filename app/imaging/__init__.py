@@ -40,6 +40,7 @@ MAX_ASPECT_RATIO = 200
 class ImageLimits:
     max_bytes: int
     max_pixels: int
+    max_frames: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ def decode_image(
 def _decode_dicom(
     dataset: Dataset, limits: ImageLimits, frame: int | None, window: str | None
 ) -> DecodedImage:
-    picture, source = decode_dicom(dataset, max_pixels=limits.max_pixels, frame=frame, window=window)
+    picture, source = decode_dicom(
+        dataset, max_pixels=limits.max_pixels, max_frames=limits.max_frames, frame=frame, window=window
+    )
     check_usable(picture.width, picture.height)
     return DecodedImage(picture=picture, source_format="DICOM", dicom=source)
 

@@ -93,7 +93,7 @@ def read_dataset(data: bytes, *, require_preamble: bool) -> Dataset:
 
 
 def decode_dicom(
-    dataset: Dataset, *, max_pixels: int, frame: int | None, window: str | None
+    dataset: Dataset, *, max_pixels: int, frame: int | None, window: str | None, max_frames: int = 10_000
 ) -> tuple[Image.Image, DicomSource]:
     if not _has_pixels(dataset):
         kind = _sop_class_name(dataset)
@@ -106,6 +106,8 @@ def decode_dicom(
         raise UnreadableImageError(
             "the DICOM image attributes (rows, columns, frames) are missing or invalid"
         ) from exc
+    if frames > max_frames:
+        raise ImageTooLargeError(f"the object declares {frames} frames, more than the limit of {max_frames}")
     if rows * columns > max_pixels:
         raise ImageTooLargeError(
             f"the image is {columns}x{rows} pixels, more than the limit of {max_pixels} pixels"
