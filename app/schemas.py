@@ -74,6 +74,8 @@ class GroundFields(TaskFields):
 
 # --- responses ---
 
+_UID = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+
 
 class ImageSize(BaseModel):
     width: int = Field(description="Width of the uploaded image in pixels, as displayed.", examples=[2048])
@@ -92,8 +94,12 @@ class Timing(BaseModel):
 
 
 class WindowInfo(BaseModel):
-    center: float | None = Field(description="Window centre in modality units; null for a VOI LUT table.")
-    width: float | None = Field(description="Window width in modality units; null for a VOI LUT table.")
+    center: float | None = Field(
+        description="Window centre in modality units; null for a VOI LUT table.", examples=[40.0]
+    )
+    width: float | None = Field(
+        description="Window width in modality units; null for a VOI LUT table.", examples=[400.0]
+    )
     source: str = Field(
         description="request, a preset's name, file (the first window stored in the file), voi_lut, or "
         "full_range (no window anywhere: the values present were stretched).",
@@ -104,27 +110,61 @@ class WindowInfo(BaseModel):
 class DicomInfo(BaseModel):
     """The source instance, by identifiers only: no patient data is ever returned."""
 
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    modality: str | None = Field(examples=["CT"])
-    frame: int = Field(description="The frame that was read, 1 being the first.")
-    frames: int = Field(description="Frames in the object.")
-    window: WindowInfo | None = Field(description="How grayscale values were displayed; null for colour.")
+    study_instance_uid: str = Field(
+        description="Study Instance UID of the source.", examples=["1.2.840.113619.2.1"]
+    )
+    series_instance_uid: str = Field(
+        description="Series Instance UID of the source.", examples=["1.2.840.113619.2.1.2"]
+    )
+    sop_instance_uid: str = Field(description="SOP Instance UID of the source.", examples=[_UID])
+    sop_class_uid: str = Field(
+        description="SOP Class UID of the source.", examples=["1.2.840.10008.5.1.4.1.1.2"]
+    )
+    modality: str | None = Field(description="Modality of the source, if stated.", examples=["CT"])
+    frame: int = Field(description="The frame that was read, 1 being the first.", examples=[1])
+    frames: int = Field(description="Frames in the object.", examples=[1])
+    window: WindowInfo | None = Field(
+        description="How grayscale values were displayed; null for colour.",
+        examples=[{"center": 40.0, "width": 400.0, "source": "file"}],
+    )
 
 
 class TaskResponse(BaseModel):
-    request_id: str = Field(description="Identifier of this request, also in the X-Request-ID header.")
+    request_id: str = Field(
+        description="Identifier of this request, also in the X-Request-ID header.",
+        examples=["5d0c3a0e9b8f4c2a8f1e2b7d6c5a4f3e"],
+    )
     model: str = Field(description="The model that answered.", examples=["MBZUAI/MedMO-8B-Next"])
-    image: ImageSize
-    dicom: DicomInfo | None = Field(None, description="Present when the upload was DICOM.")
-    usage: Usage
-    timing: Timing
+    image: ImageSize = Field(
+        description="Size of the uploaded image.", examples=[{"width": 2048, "height": 2500}]
+    )
+    dicom: DicomInfo | None = Field(
+        None,
+        description="Present when the upload was DICOM.",
+        examples=[
+            {
+                "study_instance_uid": "1.2.840.113619.2.1",
+                "series_instance_uid": "1.2.840.113619.2.1.2",
+                "sop_instance_uid": _UID,
+                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                "modality": "CT",
+                "frame": 1,
+                "frames": 1,
+                "window": {"center": 40.0, "width": 400.0, "source": "file"},
+            }
+        ],
+    )
+    usage: Usage = Field(
+        description="Tokens in and out.", examples=[{"prompt_tokens": 1320, "completion_tokens": 58}]
+    )
+    timing: Timing = Field(
+        description="Where the time went.",
+        examples=[{"queue_ms": 12.5, "inference_ms": 1840.0, "total_ms": 1901.2}],
+    )
 
 
 class VqaResponse(TaskResponse):
-    task: Literal["vqa"] = "vqa"
+    task: Literal["vqa"] = Field("vqa", description="The task that answered.", examples=["vqa"])
     answer: str = Field(description="The model's answer.", examples=["Yes, a small left pleural effusion."])
 
 
@@ -134,35 +174,70 @@ class Report(BaseModel):
         description="The impression section; null when the model wrote none.",
         examples=["No acute cardiopulmonary process."],
     )
-    text: str = Field(description="The report exactly as the model wrote it.")
+    text: str = Field(
+        description="The report exactly as the model wrote it.",
+        examples=["The lungs are clear.\n\nNo acute cardiopulmonary process."],
+    )
 
 
 class ReportResponse(TaskResponse):
-    task: Literal["report"] = "report"
-    report: Report
+    task: Literal["report"] = Field("report", description="The task that answered.", examples=["report"])
+    report: Report = Field(
+        description="The report, split into its sections.",
+        examples=[
+            {
+                "findings": "The lungs are clear.",
+                "impression": "No acute cardiopulmonary process.",
+                "text": "The lungs are clear.\n\nNo acute cardiopulmonary process.",
+            }
+        ],
+    )
 
 
 class Box(BaseModel):
-    x_min: float = Field(examples=[0.157])
-    y_min: float = Field(examples=[0.645])
-    x_max: float = Field(examples=[0.233])
-    y_max: float = Field(examples=[0.759])
+    x_min: float = Field(description="Left edge.", examples=[0.157])
+    y_min: float = Field(description="Top edge.", examples=[0.645])
+    x_max: float = Field(description="Right edge.", examples=[0.233])
+    y_max: float = Field(description="Bottom edge.", examples=[0.759])
 
 
 class GroundedFinding(BaseModel):
-    label: str | None = Field(description="What the model says is there; null if it gave no name.")
-    box: Box = Field(description="Corners as fractions, 0 to 1, of the uploaded image's width and height.")
-    box_px: Box = Field(description="The same corners in the uploaded image's pixels.")
+    label: str | None = Field(
+        description="What the model says is there; null if it gave no name.", examples=["Fractures"]
+    )
+    box: Box = Field(
+        description="Corners as fractions, 0 to 1, of the uploaded image's width and height.",
+        examples=[{"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759}],
+    )
+    box_px: Box = Field(
+        description="The same corners in the uploaded image's pixels.",
+        examples=[{"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0}],
+    )
 
 
 class GroundResponse(TaskResponse):
-    task: Literal["ground"] = "ground"
-    findings: list[GroundedFinding]
+    task: Literal["ground"] = Field("ground", description="The task that answered.", examples=["ground"])
+    findings: list[GroundedFinding] = Field(
+        description="Every box the model drew, in the order it wrote them.",
+        examples=[
+            [
+                {
+                    "label": "Fractures",
+                    "box": {"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759},
+                    "box_px": {"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0},
+                }
+            ]
+        ],
+    )
     box_convention: BoxConvention = Field(
         description="How the model's coordinates were read: pixel (absolute pixels of the image the model saw) "
-        "or rel1000 (0-1000 scale)."
+        "or rel1000 (0-1000 scale).",
+        examples=["pixel"],
     )
-    raw_text: str = Field(description="The model's output exactly as written.")
+    raw_text: str = Field(
+        description="The model's output exactly as written.",
+        examples=["Fractures <box>[[156, 516, 231, 607]]</box>"],
+    )
 
 
 # --- operations ---
@@ -171,30 +246,52 @@ class GroundResponse(TaskResponse):
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code.", examples=["unreadable_image"])
     message: str = Field(description="What went wrong, for a person.", examples=["the image data is corrupt"])
-    request_id: str | None = Field(description="Identifier of the failed request.")
+    request_id: str | None = Field(
+        description="Identifier of the failed request.", examples=["5d0c3a0e9b8f4c2a8f1e2b7d6c5a4f3e"]
+    )
 
 
 class ErrorResponse(BaseModel):
-    error: ErrorDetail
+    error: ErrorDetail = Field(
+        description="What went wrong.",
+        examples=[
+            {"code": "unreadable_image", "message": "the image data is corrupt", "request_id": "5d0c3a0e"}
+        ],
+    )
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "ready", "draining", "stopped", "dead", "unavailable"]
+    status: Literal["ok", "starting", "ready", "draining", "stopped", "dead", "unavailable"] = Field(
+        description="ok (alive), ready, or why not: starting, draining, stopped, dead.", examples=["ready"]
+    )
 
 
 class Limits(BaseModel):
-    max_upload_bytes: int
-    max_image_pixels: int
-    min_pixels: int
-    max_pixels: int
-    max_new_tokens: dict[str, int]
+    max_upload_bytes: int = Field(description="Largest accepted image file.", examples=[67108864])
+    max_image_pixels: int = Field(description="Largest decoded image.", examples=[50000000])
+    min_pixels: int = Field(description="Smallest image area fed to the model.", examples=[65536])
+    max_pixels: int = Field(description="Largest image area fed to the model.", examples=[1638400])
+    max_new_tokens: dict[str, int] = Field(
+        description="Generation limit per task.", examples=[{"vqa": 256, "report": 1024, "ground": 512}]
+    )
 
 
 class Info(BaseModel):
-    model: str
-    revision: str | None
-    device: str
-    dtype: str
-    attn_implementation: str
-    box_convention: BoxConvention
-    limits: Limits
+    model: str = Field(description="Hub id or folder of the model served.", examples=["MBZUAI/MedMO-8B-Next"])
+    revision: str | None = Field(description="Hub revision, if pinned.", examples=["main"])
+    device: str = Field(description="Where the model runs.", examples=["cuda"])
+    dtype: str = Field(description="Weights' data type.", examples=["bfloat16"])
+    attn_implementation: str = Field(description="Attention kernel in use.", examples=["sdpa"])
+    box_convention: BoxConvention = Field(description="How boxes are read.", examples=["pixel"])
+    limits: Limits = Field(
+        description="Limits in force.",
+        examples=[
+            {
+                "max_upload_bytes": 67108864,
+                "max_image_pixels": 50000000,
+                "min_pixels": 65536,
+                "max_pixels": 1638400,
+                "max_new_tokens": {"vqa": 256, "report": 1024, "ground": 512},
+            }
+        ],
+    )

@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from app.main import create_app
 from app.settings import Settings
 from app.tiny_checkpoint import write_checkpoint
+from bench.servers import RunningServer, serve
 
 # CI explores the same examples every run, so that a green build stays green; locally they vary.
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
@@ -50,6 +51,23 @@ def reply_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str]
 
 def settings_for(model: Path, **overrides: object) -> Settings:
     return Settings(model=str(model), **overrides)  # type: ignore[arg-type]
+
+
+LIVE_API_KEY = "live-server-key-for-the-tests-0001"
+
+
+@pytest.fixture(scope="session")
+def live_server(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """medmo-serve as a real process on loopback, with an API key, debug logs, and short generations."""
+    env = {
+        "MEDMO_API_KEYS": LIVE_API_KEY,
+        "MEDMO_LOG_LEVEL": "debug",
+        "MEDMO_VQA_MAX_NEW_TOKENS": "4",
+        "MEDMO_REPORT_MAX_NEW_TOKENS": "4",
+        "MEDMO_GROUND_MAX_NEW_TOKENS": "4",
+    }
+    with serve(random_checkpoint, tmp_path_factory.mktemp("live-server") / "server.log", env=env) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,13 @@ _IMAGE_UPLOAD = {
     "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
 }
 _BINARY = {"type": "string", "format": "binary"}
+# A 32x32 grayscale PNG: the smallest image the model accepts, so examples are real requests.
+EXAMPLE_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNsYMAPmBhGFYwqGFUwQhUAAJe+AMD8WknZAAAAAElFTkSuQmCC"
 _IMAGE_BASE64 = {
     "type": "string",
     "contentEncoding": "base64",
     "description": "The image file, base64-encoded, plain or as a data URI (data:image/png;base64,...).",
+    "examples": [EXAMPLE_PNG_BASE64],
 }
 
 TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

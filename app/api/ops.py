@@ -76,6 +76,8 @@ async def info(request: Request) -> Info:
     "/metrics",
     response_class=Response,
     dependencies=[Depends(require_api_key_for_metrics)],
+    # A key only with MEDMO_METRICS_REQUIRE_KEY: the empty requirement says so to clients and scanners.
+    openapi_extra={"security": [{}]},
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
         401: {"model": ErrorResponse, "description": "With MEDMO_METRICS_REQUIRE_KEY, a key is required."},

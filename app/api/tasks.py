@@ -35,8 +35,9 @@ RequestTimeout = Annotated[
     float | None,
     Header(
         alias="X-Request-Timeout",
-        gt=0,
-        description="Seconds this request may take in all; can only lower the server's deadline.",
+        ge=1,
+        le=86_400,
+        description="Seconds this request may take in all, at least 1; can only lower the server's deadline.",
     ),
 ]
 RequestId = Annotated[
