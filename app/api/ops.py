@@ -16,6 +16,7 @@ router = APIRouter(tags=["operations"])
 
 @router.get(
     "/healthz",
+    operation_id="healthz",
     response_model=Health,
     responses={503: {"model": Health, "description": "The inference worker has stopped: restart."}},
     summary="Liveness: the process is up and its inference worker has not died",
@@ -29,6 +30,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 @router.get(
     "/readyz",
+    operation_id="readyz",
     response_model=Health,
     responses={503: {"model": Health, "description": "Loading, draining for shutdown, or stopped."}},
     summary="Readiness: the model is loaded and requests are being taken",
@@ -43,6 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get(
     "/info",
+    operation_id="info",
     response_model=Info,
     dependencies=[Depends(require_api_key)],
     responses={401: {"model": ErrorResponse, "description": "A valid API key is required."}},
@@ -74,6 +77,7 @@ async def info(request: Request) -> Info:
 
 @router.get(
     "/metrics",
+    operation_id="metrics",
     response_class=Response,
     dependencies=[Depends(require_api_key_for_metrics)],
     # A key only with MEDMO_METRICS_REQUIRE_KEY: the empty requirement says so to clients and scanners.

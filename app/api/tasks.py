@@ -52,6 +52,7 @@ RequestId = Annotated[
 
 @router.post(
     "/vqa",
+    operation_id="vqa",
     response_model=VqaResponse,
     responses=TASK_ERROR_RESPONSES,
     openapi_extra=task_request_body(VqaFields),
@@ -74,6 +75,7 @@ async def vqa(
 
 @router.post(
     "/report",
+    operation_id="report",
     response_model=ReportResponse,
     responses=TASK_ERROR_RESPONSES,
     openapi_extra=task_request_body(ReportFields),
@@ -98,6 +100,7 @@ async def report(
 
 @router.post(
     "/ground",
+    operation_id="ground",
     response_model=GroundResponse,
     responses=TASK_ERROR_RESPONSES,
     openapi_extra=task_request_body(GroundFields),
