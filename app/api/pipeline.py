@@ -120,7 +120,7 @@ async def run_task(
         except TimeoutError:
             service.metrics.rejections.labels(reason="deadline").inc()
             raise DeadlineExceededError() from None
-    record.queue_ms = completed.queue_s * 1000
+    record.queue_ms = round(completed.queue_s * 1000, 3)
     record.batch_size = completed.batch_size
     service.metrics.generated_tokens.labels(task=task).inc(completed.result.completion_tokens)
     return TaskRun(
