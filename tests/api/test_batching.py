@@ -124,8 +124,8 @@ async def test_an_expired_request_gets_504_and_the_runtime_never_sees_it(
         first = asyncio.create_task(vqa(client))
         await asyncio.to_thread(runtime.inside.wait, 10)
         began = time.monotonic()
-        expired = await vqa(client, seed=1, **{"X-Request-Timeout": "0.5"})
-        assert 0.5 <= time.monotonic() - began < 1.5
+        expired = await vqa(client, seed=1, **{"X-Request-Timeout": "1"})
+        assert 1.0 <= time.monotonic() - began < 2.0
         assert expired.status_code == 504
         assert expired.json()["error"]["code"] == "timeout"
         runtime.gate.set()
