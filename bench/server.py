@@ -12,13 +12,7 @@ from __future__ import annotations
 import argparse
 
 from app.cli import run_server
-from app.engine.runtime import (
-    ModelRuntime,
-    RuntimeDescription,
-    resolve_attention,
-    resolve_device,
-    resolve_dtype,
-)
+from app.engine.runtime import ModelRuntime, Placement
 from app.logs import configure_logging
 from app.main import create_app
 from app.settings import Settings
@@ -26,28 +20,16 @@ from app.tiny_checkpoint import SHAPES, build_config, build_model, build_process
 
 
 def build_runtime(shape: str, settings: Settings) -> ModelRuntime:
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
-    attention = resolve_attention(settings.attn_implementation, device)
+    placement = Placement.from_settings(settings)
     tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
     model = build_model(
-        build_config(tokenizer, shape), dtype=dtype, device=device, attn_implementation=attention
+        build_config(tokenizer, shape),
+        dtype=placement.dtype,
+        device=placement.device,
+        attn_implementation=placement.attention,
     )
-    description = RuntimeDescription(
-        model=f"random-weights:{shape}",
-        revision=None,
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        attn_implementation=attention,
-    )
-    return ModelRuntime(
-        model,
-        processor,
-        description=description,
-        min_pixels=settings.min_pixels,
-        max_pixels=settings.max_pixels,
-        system_prompt=settings.system_prompt,
+    return ModelRuntime.serving(
+        model, build_processor(tokenizer), settings, placement, name=f"random-weights:{shape}"
     )
 
 

@@ -74,6 +74,24 @@ class Runtime(Protocol):
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the model runs, resolved from the settings' "auto" values."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Placement:
+        device = resolve_device(settings.device)
+        return cls(
+            device=device,
+            dtype=resolve_dtype(settings.dtype, device),
+            attention=resolve_attention(settings.attn_implementation, device),
+        )
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         # ROCm builds of torch answer to "cuda" too, so this covers AMD Instinct cards.
@@ -154,22 +172,20 @@ class ModelRuntime:
                 f"MEDMO_MODEL={name!r} is not an existing folder: set it to a folder holding MedMO's "
                 "weights, or to a hub id such as MBZUAI/MedMO-8B-Next"
             )
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-        attention = resolve_attention(settings.attn_implementation, device)
+        placement = Placement.from_settings(settings)
         source = os.path.expanduser(name)
         try:
             processor = AutoProcessor.from_pretrained(source, revision=settings.revision)
             model = AutoModelForImageTextToText.from_pretrained(
                 source,
                 revision=settings.revision,
-                dtype=dtype,
-                attn_implementation=attention,
-                device_map=str(device),
+                dtype=placement.dtype,
+                attn_implementation=placement.attention,
+                device_map=str(placement.device),
             )
         except torch.OutOfMemoryError as exc:
             raise ModelLoadError(
-                f"not enough memory on {device} to load {name!r}: free the device, or set MEDMO_MODEL to a "
+                f"not enough memory on {placement.device} to load {name!r}: free the device, or set MEDMO_MODEL to a "
                 "smaller model (MBZUAI/MedMO-4B-Next) or MEDMO_DEVICE to another device"
             ) from exc
         except (OSError, ValueError, ImportError, RuntimeError) as exc:
@@ -178,13 +194,27 @@ class ModelRuntime:
                 f"could not load model {name!r} ({reason}): set MEDMO_MODEL to a folder holding MedMO's "
                 "weights, or make the hub reachable (with HF_HUB_OFFLINE=1 only the cache in HF_HOME is used)"
             ) from exc
+        return cls.serving(model, processor, settings, placement, name=name, revision=settings.revision)
+
+    @classmethod
+    def serving(
+        cls,
+        model: Any,
+        processor: Any,
+        settings: Settings,
+        placement: Placement,
+        *,
+        name: str,
+        revision: str | None = None,
+    ) -> ModelRuntime:
+        """A runtime for a model and processor already on `placement`, however they were made."""
         model.eval()
         description = RuntimeDescription(
             model=name,
-            revision=settings.revision,
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-            attn_implementation=attention,
+            revision=revision,
+            device=str(placement.device),
+            dtype=str(placement.dtype).removeprefix("torch."),
+            attn_implementation=placement.attention,
         )
         return cls(
             model,
