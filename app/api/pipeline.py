@@ -91,8 +91,9 @@ async def run_task(
     with batcher.admit() as admission:
         try:
             async with asyncio.timeout(budget):
-                upload = await read_task_upload(
-                    request, fields_model, max_image_bytes=settings.max_upload_bytes
+                upload = await read_within(
+                    settings.upload_timeout_s,
+                    read_task_upload(request, fields_model, max_image_bytes=settings.max_upload_bytes),
                 )
                 # CPU work, in a small pool of its own: it overlaps with the batch being generated.
                 fields = upload.fields
@@ -135,6 +136,15 @@ async def run_task(
         inference_s=completed.inference_s,
         started=started,
     )
+
+
+async def read_within(timeout_s: float, reading: Awaitable[T]) -> T:
+    """A body that has not arrived in time is a 408: a slow or stalled upload must not hold its place."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reading
+    except TimeoutError:
+        raise ApiError(408, "upload_timeout", f"the body did not arrive within {timeout_s:g} s") from None
 
 
 def dicom_info(source: DicomSource | None) -> DicomInfo | None:

@@ -134,8 +134,12 @@ async def test_an_expired_request_gets_504_and_the_runtime_never_sees_it(
     assert runtime.computed == 2
 
 
-async def raw_request(application: FastAPI, body: bytes, disconnect: asyncio.Event) -> list[dict[str, Any]]:
-    """Drive the ASGI app as a server would, delivering http.disconnect when `disconnect` is set."""
+async def raw_request(
+    application: FastAPI, chunks: list[bytes], disconnect: asyncio.Event, *, content_length: int | None = None
+) -> list[dict[str, Any]]:
+    """Drive the ASGI app as a server would: the body in `chunks`, then http.disconnect once
+    `disconnect` is set (until then the client just stays connected, sending nothing more)."""
+    body_length = sum(len(chunk) for chunk in chunks) if content_length is None else content_length
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -146,16 +150,23 @@ async def raw_request(application: FastAPI, body: bytes, disconnect: asyncio.Eve
         "raw_path": b"/vqa",
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(body_length).encode())],
         "client": ("127.0.0.1", 50000),
         "server": ("medmo", 80),
     }
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    pending = [
+        {
+            "type": "http.request",
+            "body": chunk,
+            "more_body": index < len(chunks) - 1 or content_length is not None,
+        }
+        for index, chunk in enumerate(chunks)
+    ]
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         if pending:
-            return pending.pop()
+            return pending.pop(0)
         await disconnect.wait()
         return {"type": "http.disconnect"}
 
@@ -179,7 +190,7 @@ async def test_a_client_that_disconnects_while_queued_is_not_computed(
         body = json.dumps(
             {"image": base64.b64encode(png_bytes(seed=7)).decode(), "question": "gone?"}
         ).encode()
-        leaving = asyncio.create_task(raw_request(application, body, disconnect))
+        leaving = asyncio.create_task(raw_request(application, [body], disconnect))
         await wait_until(lambda: batcher.queued == 1)
         disconnect.set()
         sent = await asyncio.wait_for(leaving, 5)
@@ -257,3 +268,24 @@ async def test_metrics_cover_queue_batches_requests_tokens_and_rejections(
     assert 'medmo_requests_total{status="429",task="vqa"} 1.0' in text
     assert 'medmo_rejections_total{reason="queue_full"} 1.0' in text
     assert 'medmo_generated_tokens_total{task="vqa"}' in text
+
+
+async def test_a_stalled_upload_gets_408_and_gives_its_place_back(
+    runtime: InstrumentedRuntime, random_checkpoint: Path
+) -> None:
+    async with serving(runtime, random_checkpoint, upload_timeout_s=0.3, max_queue=1) as (
+        client,
+        application,
+    ):
+        batcher = service_of(application).batcher
+        assert batcher is not None
+        began = time.monotonic()
+        # Half a body, then nothing: the connection stays open, as a slowloris would keep it.
+        sent = await asyncio.wait_for(
+            raw_request(application, [b'{"question": "q", "ima'], asyncio.Event(), content_length=10_000), 5
+        )
+        assert sent[0]["status"] == 408
+        assert 0.3 <= time.monotonic() - began < 2
+        assert batcher.in_flight == 0
+        assert (await vqa(client)).status_code == 200  # the place it held is free again
+    assert runtime.computed == 1
