@@ -78,6 +78,17 @@ def dockerfile_args(instructions: list[Instruction]) -> dict[str, str]:
     return args
 
 
+def image_env(flavour: str) -> dict[str, str]:
+    """The ENV values a Dockerfile sets."""
+    values: dict[str, str] = {}
+    for instruction in dockerfile_instructions(DOCKERFILES[flavour]):
+        if instruction.keyword == "ENV":
+            for word in shell_words(instruction.arguments):
+                name, _, value = word.partition("=")
+                values[name] = value
+    return values
+
+
 def exec_form(arguments: str) -> list[str]:
     """The JSON array of an exec-form instruction (ENTRYPOINT, CMD, SHELL)."""
     assert arguments.startswith("["), f"not in exec form: {arguments}"

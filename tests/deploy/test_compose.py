@@ -21,10 +21,9 @@ from tests.deploy.files import (
     ORTHANC_CONFIG,
     REPOSITORY,
     Reset,
-    dockerfile_instructions,
+    image_env,
     json_without_comments,
     load_compose,
-    shell_words,
 )
 
 COMPOSE_DIR = COMPOSE.parent
@@ -38,16 +37,6 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def rocm() -> dict[str, Any]:
     return load_compose(COMPOSE_ROCM)
-
-
-def image_env(flavour: str) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for instruction in dockerfile_instructions(DOCKERFILES[flavour]):
-        if instruction.keyword == "ENV":
-            for word in shell_words(instruction.arguments):
-                name, _, value = word.partition("=")
-                values[name] = value
-    return values
 
 
 def seconds(duration: str) -> float:

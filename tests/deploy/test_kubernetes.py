@@ -25,12 +25,12 @@ from tests.deploy.files import (
     K8S,
     dockerfile_instructions,
     env_of,
+    image_env,
     kustomize,
     load_yaml_documents,
     only,
     pod_containers,
     pod_spec,
-    shell_words,
 )
 
 # The newest Kubernetes the bundled schemas cover, and the oldest these manifests are meant for:
@@ -70,16 +70,6 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
         return port
     (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
     return int(number)
-
-
-def image_env(flavour: str) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for instruction in dockerfile_instructions(DOCKERFILES[flavour]):
-        if instruction.keyword == "ENV":
-            for word in shell_words(instruction.arguments):
-                name, _, value = word.partition("=")
-                values[name] = value
-    return values
 
 
 def image_uid(flavour: str) -> int:
