@@ -261,7 +261,7 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "ready", "draining", "stopped", "dead", "unavailable"] = Field(
+    status: Literal["ok", "starting", "ready", "draining", "stopped", "dead"] = Field(
         description="ok (alive), ready, or why not: starting, draining, stopped, dead.", examples=["ready"]
     )
 

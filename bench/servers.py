@@ -46,6 +46,24 @@ class RunningServer:
         return self.process.wait(timeout_s)
 
 
+def wait_until_answering(
+    process: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float
+) -> None:
+    """Poll `url` until it answers 200; fail with the process's log if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:g} s:\n{log_path.read_text()}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def serve(
     model: Path | None,
@@ -65,18 +83,7 @@ def serve(
         )
     server = RunningServer(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"medmo-serve exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"medmo-serve did not become ready:\n{server.log()}")
-            time.sleep(0.1)
+        wait_until_answering(process, f"{server.url}/readyz", log_path, ready_timeout_s)
         yield server
     finally:
         if process.poll() is None:

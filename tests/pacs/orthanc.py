@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any, cast
 
 import httpx
 
-from bench.servers import free_port
+from bench.servers import free_port, wait_until_answering
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 DOCKER_CONFIG = REPOSITORY / "docker" / "orthanc" / "orthanc.json"
@@ -174,18 +173,7 @@ def orthanc(
         )
     running = RunningOrthanc(process=process, url=f"http://127.0.0.1:{port}", log_path=log_path)
     try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {process.returncode}:\n{running.log()}")
-            try:
-                if httpx.get(f"{running.url}/system", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Orthanc did not answer /system in {ready_timeout_s} s:\n{running.log()}")
-            time.sleep(0.1)
+        wait_until_answering(process, f"{running.url}/system", log_path, ready_timeout_s)
         yield running
     finally:
         stop(process)
