@@ -1,10 +1,10 @@
-"""The app factory and its lifespan: load the model once, start the batcher, stop cleanly."""
+"""The app factory and its lifespan: load the model once, start the engine, stop cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -14,20 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import ops, tasks
-from app.api.deps import Service, TaskBatcher
+from app.api.deps import Service
 from app.api.errors import install_error_handlers
 from app.api.keys import ApiKeys
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import MedmoAPI
-from app.engine.batcher import Batcher
-from app.engine.runtime import (
-    GenerationOptions,
-    ModelLoadError,
-    ModelRuntime,
-    PreparedRequest,
-    Runtime,
-    is_fatal_error,
-)
+from app.engine import build_engine
+from app.engine.protocol import Engine
+from app.engine.runtime import ModelLoadError, ModelRuntime, Runtime
+from app.metrics import Metrics
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger("medmo.startup")
@@ -39,8 +34,16 @@ multipart/form-data in field `image`, or base64 in JSON, with the task's text fi
 """
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    """Build the app. With `runtime` given, that runtime is served instead of loading MEDMO_MODEL."""
+EngineFactory = Callable[[Settings, Runtime, Metrics], Engine]
+
+
+def create_app(
+    settings: Settings | None = None,
+    runtime: Runtime | None = None,
+    engine_factory: EngineFactory = build_engine,
+) -> FastAPI:
+    """Build the app. With `runtime` given, that runtime is served instead of loading MEDMO_MODEL; the
+    engine around it is made at startup by `engine_factory` (by default the one MEDMO_ENGINE names)."""
     settings = settings or get_settings()
     service = Service(settings=settings, api_keys=ApiKeys.from_settings(settings), runtime=runtime)
     app = MedmoAPI(
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         task_fields=tasks.TASK_FIELDS,
     )
     app.state.service = service
+    app.state.engine_factory = engine_factory
     install_error_handlers(app)
     app.include_router(tasks.router)
     app.include_router(ops.router)
@@ -64,35 +68,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service = app.state.service
     assert isinstance(service, Service)
     settings = service.settings
-    if service.runtime is None:
-        try:
-            service.runtime = await asyncio.to_thread(ModelRuntime.load, settings)
-        except ModelLoadError as exc:
-            service.startup_error = str(exc)
-            raise
+    try:
+        runtime = service.runtime
+        if runtime is None:
+            loaded = await asyncio.to_thread(ModelRuntime.load, settings)
+            runtime = service.runtime = loaded
+        engine = app.state.engine_factory(settings, runtime, service.metrics)
+    except ModelLoadError as exc:
+        service.startup_error = str(exc)
+        raise
     if not service.api_keys.enabled:
         logger.warning(
             "NO API KEYS CONFIGURED: every route is open to anyone who can reach this port. "
             "Set MEDMO_API_KEYS or MEDMO_API_KEY_FILE."
         )
-    batcher: TaskBatcher = Batcher(
-        service.runtime.generate,
-        batch_key=_generation_options,
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        metrics=service.metrics,
-        is_fatal=is_fatal_error,
-    )
-    service.batcher = batcher
     service.prepare_pool = ThreadPoolExecutor(
         settings.prepare_workers, thread_name_prefix="medmo-prepare", initializer=_single_threaded_torch
     )
-    await batcher.start()
+    await engine.start()
+    service.engine = engine
+    logger.info("serving with the %s engine", engine.name)
     try:
         yield
     finally:
-        await batcher.stop()
+        await engine.stop()
         service.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -106,18 +105,14 @@ def _single_threaded_torch() -> None:
     torch.set_num_threads(1)
 
 
-def _generation_options(prepared: PreparedRequest) -> GenerationOptions:
-    return prepared.options
-
-
 async def drain(app: FastAPI, grace_s: float) -> bool:
     """Refuse new work (503, /readyz too) and wait for accepted work to finish. False if time ran out."""
     service = app.state.service
     assert isinstance(service, Service)
-    if service.batcher is None:
+    if service.engine is None:
         return True
-    service.batcher.begin_drain()
-    return await service.batcher.wait_idle(grace_s)
+    service.engine.begin_drain()
+    return await service.engine.wait_idle(grace_s)
 
 
 class StartupFailureReporter:

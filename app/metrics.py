@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
 
 
 class Metrics:
@@ -43,6 +44,46 @@ class Metrics:
             "medmo_generated_tokens",
             "Tokens generated, by task.",
             ["task"],
+            registry=self.registry,
+        )
+        # --- the continuous engine ---
+        self.running_requests = Gauge(
+            "medmo_running_requests",
+            "Requests the model is working on (holding a slot).",
+            registry=self.registry,
+        )
+        self.waiting_requests = Gauge(
+            "medmo_waiting_requests",
+            "Requests prepared and waiting for a slot.",
+            registry=self.registry,
+        )
+        self.slot_occupancy = Gauge(
+            "medmo_slot_occupancy",
+            "Fraction of the KV cache slots in use.",
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "medmo_time_to_first_token_seconds",
+            "From a prepared request entering the engine to its first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "medmo_inter_token_latency_seconds",
+            "Mean time between a request's generated tokens, one observation per request.",
+            buckets=_STEP_BUCKETS,
+            registry=self.registry,
+        )
+        self.prefill_seconds = Histogram(
+            "medmo_prefill_seconds",
+            "Duration of one prefill (the prompts and images of the requests starting together).",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.decode_step_seconds = Histogram(
+            "medmo_decode_step_seconds",
+            "Duration of one decode step (one token for every running request).",
+            buckets=_STEP_BUCKETS,
             registry=self.registry,
         )
         self.rejections = Counter(

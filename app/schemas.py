@@ -34,6 +34,14 @@ class TaskFields(BaseModel):
         description="DICOM only: the frame of a multi-frame object to read, 1 being the first. Default: the middle one.",
         examples=[12],
     )
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        le=8192,
+        description="Most tokens to generate for this request; at most the task's limit on this server "
+        "(see /info). Default: that limit.",
+        examples=[64],
+    )
 
 
 class VqaFields(TaskFields):
@@ -88,8 +96,12 @@ class Usage(BaseModel):
 
 
 class Timing(BaseModel):
-    queue_ms: float = Field(description="Time waiting for a batch to start.", examples=[12.5])
-    inference_ms: float = Field(description="Duration of the batch's generate() call.", examples=[1840.0])
+    queue_ms: float = Field(
+        description="Time waiting for the model to start on this request.", examples=[12.5]
+    )
+    inference_ms: float = Field(
+        description="Time from the model starting on this request to its last token.", examples=[1840.0]
+    )
     total_ms: float = Field(description="Time from receiving the request to answering it.", examples=[1901.2])
 
 
@@ -276,6 +288,33 @@ class Limits(BaseModel):
     )
 
 
+class EngineInfo(BaseModel):
+    name: Literal["continuous", "generate"] = Field(
+        description="continuous (requests join and leave the running batch at every step) or generate "
+        "(whole batches through transformers' generate()).",
+        examples=["continuous"],
+    )
+    slots: int | None = Field(
+        None, description="continuous: requests decoded together (KV cache slots).", examples=[64]
+    )
+    context: int | None = Field(None, description="continuous: most tokens per request.", examples=[4096])
+    kv_cache_gib: float | None = Field(
+        None, description="continuous: memory the KV cache takes.", examples=[36.0]
+    )
+    decode_graphs: str | None = Field(
+        None,
+        description="continuous: how decode steps run: captured graphs, or eager and why.",
+        examples=["60 graphs (10 batch x 6 span buckets)"],
+    )
+    prefill_token_budget: int | None = Field(
+        None, description="continuous: most prompt tokens started in one step.", examples=[8192]
+    )
+    max_batch_size: int | None = Field(None, description="generate: most requests per batch.", examples=[16])
+    max_wait_ms: float | None = Field(
+        None, description="generate: how long a batch waits for company.", examples=[10.0]
+    )
+
+
 class Info(BaseModel):
     model: str = Field(description="Hub id or folder of the model served.", examples=["MBZUAI/MedMO-8B-Next"])
     revision: str | None = Field(description="Hub revision, if pinned.", examples=["main"])
@@ -283,6 +322,19 @@ class Info(BaseModel):
     dtype: str = Field(description="Weights' data type.", examples=["bfloat16"])
     attn_implementation: str = Field(description="Attention kernel in use.", examples=["sdpa"])
     box_convention: BoxConvention = Field(description="How boxes are read.", examples=["pixel"])
+    engine: EngineInfo = Field(
+        description="The engine serving requests and its sizes.",
+        examples=[
+            {
+                "name": "continuous",
+                "slots": 64,
+                "context": 4096,
+                "kv_cache_gib": 36.0,
+                "decode_graphs": "60 graphs (10 batch x 6 span buckets)",
+                "prefill_token_budget": 8192,
+            }
+        ],
+    )
     limits: Limits = Field(
         description="Limits in force.",
         examples=[

@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 BoxConvention = Literal["pixel", "rel1000"]
 
 MIB = 1024 * 1024
+# Tokens of chat template and instructions around the image, for the context check at startup.
+PROMPT_ALLOWANCE = 128
 
 
 class Settings(BaseSettings):
@@ -65,10 +67,48 @@ class Settings(BaseSettings):
         description="Largest decoded image area; more is treated as a decompression bomb.",
     )
 
-    # --- batching and admission ---
-    max_batch_size: int = Field(16, ge=1, le=512, description="Most requests in one generate() call.")
+    # --- the engine ---
+    engine: Literal["continuous", "generate"] = Field(
+        "continuous",
+        description="continuous: requests join and leave the running batch at every step (KV cache slots, "
+        "graph-captured decode on a GPU). generate: whole batches through transformers' generate(), the "
+        "reference path.",
+    )
+    max_slots: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="continuous: requests decoded together, each with a KV cache slot of MEDMO_MAX_CONTEXT "
+        "tokens. Unset: as many as fit in MEDMO_GPU_MEMORY_FRACTION of the GPU (8 on the CPU).",
+    )
+    max_context: int = Field(
+        4096,
+        ge=256,
+        le=65536,
+        description="continuous: most tokens per request, image and prompt and answer together.",
+    )
+    prefill_token_budget: int = Field(
+        8192,
+        ge=1,
+        description="continuous: most prompt tokens started in one step; a burst of new requests is spread "
+        "over several steps so that running ones keep decoding.",
+    )
+    decode_graphs: bool = Field(
+        True, description="continuous, on a GPU: capture the decode step as CUDA/HIP graphs at startup."
+    )
+    gpu_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="continuous, with MEDMO_MAX_SLOTS unset: the share of the GPU's memory the service may fill.",
+    )
+    max_batch_size: int = Field(
+        16, ge=1, le=512, description="generate: most requests in one generate() call."
+    )
     max_wait_ms: float = Field(
-        10.0, ge=0, description="How long a batch waits for more requests after its first one arrives."
+        10.0,
+        ge=0,
+        description="generate: how long a batch waits for more requests after its first one arrives.",
     )
     max_queue: int = Field(256, ge=1, description="Requests admitted and waiting; more are refused with 429.")
     prepare_workers: int = Field(
@@ -124,6 +164,17 @@ class Settings(BaseSettings):
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"MEDMO_MIN_PIXELS ({self.min_pixels}) is larger than MEDMO_MAX_PIXELS ({self.max_pixels})"
+            )
+        longest_answer = max(self.vqa_max_new_tokens, self.report_max_new_tokens, self.ground_max_new_tokens)
+        image_tokens = self.max_pixels // (32 * 32)
+        if (
+            self.engine == "continuous"
+            and image_tokens + longest_answer + PROMPT_ALLOWANCE > self.max_context
+        ):
+            raise ValueError(
+                f"MEDMO_MAX_CONTEXT ({self.max_context}) cannot hold the largest image ({image_tokens} tokens at "
+                f"MEDMO_MAX_PIXELS), a prompt and the longest answer ({longest_answer} tokens): raise it to at "
+                f"least {image_tokens + longest_answer + PROMPT_ALLOWANCE}"
             )
         if self.max_wait_ms / 1000 >= self.request_timeout_s:
             raise ValueError(

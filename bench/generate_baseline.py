@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.engine.runtime import GenerationOptions, collate
+from app.engine.request import GenerationOptions
+from app.engine.runtime import collate
 from app.schemas import GroundFields, ReportFields
 from app.settings import Settings
 from app.tasks.ground import ground_prompt

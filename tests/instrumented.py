@@ -1,36 +1,107 @@
-"""The real runtime with instruments around it: a gate in front of generate(), and a log of batches."""
+"""The real runtime and the real slot runner with instruments around them: a gate in front of the model's
+work, a log of what it was given, and a fault to inject."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 
-from app.engine.runtime import Generation, GenerationOptions, ModelRuntime, PreparedRequest
+from app.engine.request import Generation, GenerationOptions, PreparedRequest
+from app.engine.runtime import ModelRuntime
+from app.engine.slots import SlotRunner
 
 
-class InstrumentedRuntime:
-    def __init__(self, inner: ModelRuntime) -> None:
-        self.inner = inner
-        self.description = inner.description
+class Gated:
+    """A gate the model's work waits at, a record that it was reached, and an optional fault to raise there."""
+
+    def __init__(self) -> None:
         self.gate = threading.Event()
         self.gate.set()
-        self.inside = threading.Event()  # set once a batch has entered generate()
-        self.batches: list[list[PreparedRequest]] = []
+        self.inside = threading.Event()  # set once the model's work has been reached
         self.fault: BaseException | None = None
+        self.poisoned: Callable[[PreparedRequest], bool] = lambda _: False
+
+    def enter(self) -> None:
+        self.inside.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+
+    def fail_if_asked(self, requests: Iterable[PreparedRequest]) -> None:
+        if self.fault is not None:
+            raise self.fault
+        if any(self.poisoned(request) for request in requests):
+            raise RuntimeError("this request cannot be computed")
+
+
+class InstrumentedRuntime(Gated):
+    """For the generate engine: the gate is in front of each generate() call."""
+
+    def __init__(self, inner: ModelRuntime) -> None:
+        super().__init__()
+        self.inner = inner
+        self.description = inner.description
+        self.model = inner.model
+        self.eos_token_ids = inner.eos_token_ids
+        self.batches: list[list[PreparedRequest]] = []
 
     def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
         return self.inner.prepare(picture, prompt, options)
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
-        self.inside.set()
-        assert self.gate.wait(30), "the test never opened the gate"
+        self.enter()
         self.batches.append(list(batch))
-        if self.fault is not None:
-            raise self.fault
+        self.fail_if_asked(batch)
         return self.inner.generate(batch)
+
+    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation:
+        return self.inner.finish(request, tokens)
 
     @property
     def computed(self) -> int:
+        """Requests the model worked on."""
         return sum(len(batch) for batch in self.batches)
+
+
+class InstrumentedRunner(Gated):
+    """For the continuous engine: the gate is in front of each prefill and decode step."""
+
+    def __init__(self, inner: SlotRunner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.slots = inner.slots
+        self.context = inner.context
+        self.prefills: list[list[PreparedRequest]] = []
+        self.prefill_slots: list[list[int]] = []
+        self.decodes: list[int] = []  # rows of each decode step
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
+        self.enter()
+        self.prefills.append([request for _, request in entries])
+        self.prefill_slots.append([slot for slot, _ in entries])
+        self.fail_if_asked(request for _, request in entries)
+        return self.inner.prefill(entries)
+
+    def decode(self, active: int) -> list[int]:
+        self.enter()
+        self.decodes.append(active)
+        self.fail_if_asked(())
+        return self.inner.decode(active)
+
+    def move(self, source: int, target: int) -> None:
+        self.inner.move(source, target)
+
+    def release(self, slot: int) -> None:
+        self.inner.release(slot)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    @property
+    def computed(self) -> int:
+        """Requests the model worked on."""
+        return sum(len(group) for group in self.prefills)

@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
-from app.engine.runtime import GenerationOptions, ModelRuntime
+from app.engine.request import GenerationOptions
+from app.engine.runtime import ModelRuntime
 from app.settings import Settings
 from bench.servers import console_script, serve
 from tests.conftest import png_bytes, rgb_image
@@ -73,10 +75,20 @@ def test_tiny_checkpoint_script_writes_a_reply_checkpoint(
     assert runtime.generate(prepared[1:])[0].text == reply  # alone
 
 
+# Each engine's sign that a request is running.
+RUNNING = {"continuous": "medmo_running_requests 1.0", "generate": "medmo_batch_size_count 1.0"}
+
+
+@pytest.mark.parametrize("engine", sorted(RUNNING))
 def test_sigterm_drains_accepted_work_refuses_new_work_then_exits(
-    random_checkpoint: Path, tmp_path: Path
+    engine: str, random_checkpoint: Path, tmp_path: Path
 ) -> None:
-    env = {"MEDMO_REPORT_MAX_NEW_TOKENS": "4000", "MEDMO_SHUTDOWN_GRACE_S": "60"}
+    env = {
+        "MEDMO_ENGINE": engine,
+        "MEDMO_REPORT_MAX_NEW_TOKENS": "4000",
+        "MEDMO_MAX_CONTEXT": "8192",
+        "MEDMO_SHUTDOWN_GRACE_S": "60",
+    }
     with serve(random_checkpoint, tmp_path / "server.log", env=env) as server, ThreadPoolExecutor(1) as pool:
         long_report = pool.submit(
             httpx.post,
@@ -85,7 +97,7 @@ def test_sigterm_drains_accepted_work_refuses_new_work_then_exits(
             timeout=120,
         )
         deadline = time.monotonic() + 30
-        while "medmo_batch_size_count 1.0" not in httpx.get(f"{server.url}/metrics").text:
+        while RUNNING[engine] not in httpx.get(f"{server.url}/metrics").text:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         server.process.send_signal(signal.SIGTERM)

@@ -9,13 +9,12 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.api.keys import ApiKeys
-from app.engine.batcher import Batcher
-from app.engine.runtime import Generation, GenerationOptions, PreparedRequest, Runtime
+from app.engine.protocol import Engine
+from app.engine.request import GenerationOptions
+from app.engine.runtime import Runtime
 from app.metrics import Metrics
 from app.schemas import TaskName
 from app.settings import Settings
-
-TaskBatcher = Batcher[PreparedRequest, Generation]
 
 
 @dataclass
@@ -24,17 +23,28 @@ class Service:
     api_keys: ApiKeys
     metrics: Metrics = field(default_factory=Metrics)
     runtime: Runtime | None = None
-    batcher: TaskBatcher | None = None
+    engine: Engine | None = None
     prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
 
-    def options(self, task: TaskName) -> GenerationOptions:
+    def max_new_tokens(self, task: TaskName) -> int:
+        """The server's limit for a task; a request may ask for fewer tokens, never more."""
         limits = {
             "vqa": self.settings.vqa_max_new_tokens,
             "report": self.settings.report_max_new_tokens,
             "ground": self.settings.ground_max_new_tokens,
         }
-        return GenerationOptions(max_new_tokens=limits[task])
+        return limits[task]
+
+    def options(self, task: TaskName, requested: int | None = None) -> GenerationOptions:
+        limit = self.max_new_tokens(task)
+        if requested is not None and requested > limit:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"max_new_tokens: at most {limit} for {task} on this server (MEDMO_{task.upper()}_MAX_NEW_TOKENS)",
+            )
+        return GenerationOptions(max_new_tokens=requested or limit, group=task)
 
 
 def get_service(request: Request) -> Service:
@@ -45,17 +55,17 @@ def get_service(request: Request) -> Service:
 
 @dataclass(frozen=True)
 class Running:
-    """A service whose model is loaded and whose batcher and preparation threads are started."""
+    """A service whose model is loaded and whose engine and preparation threads are started."""
 
     service: Service
     runtime: Runtime
-    batcher: TaskBatcher
+    engine: Engine
     prepare_pool: ThreadPoolExecutor
 
 
 def get_running(request: Request) -> Running:
     """The running service, or a 503 while the model is not loaded."""
     service = get_service(request)
-    if service.runtime is None or service.batcher is None or service.prepare_pool is None:
+    if service.runtime is None or service.engine is None or service.prepare_pool is None:
         raise ApiError(503, "unavailable", "the model is not loaded yet")
-    return Running(service, service.runtime, service.batcher, service.prepare_pool)
+    return Running(service, service.runtime, service.engine, service.prepare_pool)

@@ -15,8 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.batcher import (
+from app.engine.protocol import (
     BatchFailedError,
+    ContextTooLongError,
     DeadlineExceededError,
     NotAcceptingError,
     QueueFullError,
@@ -52,6 +53,7 @@ _STATUS_BY_TYPE: list[tuple[type[Exception], int, str]] = [
     (UnsupportedImageError, 415, "unsupported_image"),
     (UnusableImageError, 422, "unusable_image"),
     (ImageError, 400, "bad_image"),
+    (ContextTooLongError, 422, "context_too_long"),
     (QueueFullError, 429, "overloaded"),
     (NotAcceptingError, 503, "unavailable"),
     (WorkerDiedError, 503, "unavailable"),

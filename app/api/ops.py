@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.auth import require_api_key, require_api_key_for_metrics
 from app.api.deps import get_running, get_service
-from app.engine.batcher import EngineState
-from app.schemas import ErrorResponse, Health, Info, Limits
+from app.engine.protocol import EngineState
+from app.schemas import EngineInfo, ErrorResponse, Health, Info, Limits
 
 router = APIRouter(tags=["operations"])
 
@@ -22,8 +22,8 @@ router = APIRouter(tags=["operations"])
     summary="Liveness: the process is up and its inference worker has not died",
 )
 async def healthz(request: Request) -> JSONResponse:
-    batcher = get_service(request).batcher
-    if batcher is not None and batcher.state is EngineState.DEAD:
+    engine = get_service(request).engine
+    if engine is not None and engine.state is EngineState.DEAD:
         return JSONResponse(Health(status="dead").model_dump(), status_code=503)
     return JSONResponse(Health(status="ok").model_dump())
 
@@ -36,11 +36,11 @@ async def healthz(request: Request) -> JSONResponse:
     summary="Readiness: the model is loaded and requests are being taken",
 )
 async def readyz(request: Request) -> JSONResponse:
-    batcher = get_service(request).batcher
-    if batcher is None:
+    engine = get_service(request).engine
+    if engine is None:
         return JSONResponse(Health(status="starting").model_dump(), status_code=503)
-    status = 200 if batcher.state is EngineState.READY else 503
-    return JSONResponse(Health(status=batcher.state.value).model_dump(), status_code=status)
+    status = 200 if engine.state is EngineState.READY else 503
+    return JSONResponse(Health(status=engine.state.value).model_dump(), status_code=status)
 
 
 @router.get(
@@ -63,14 +63,13 @@ async def info(request: Request) -> Info:
         dtype=described.dtype,
         attn_implementation=described.attn_implementation,
         box_convention=settings.box_convention,
+        engine=EngineInfo.model_validate(running.engine.describe()),
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
-            max_new_tokens={
-                task: service.options(task).max_new_tokens for task in ("vqa", "report", "ground")
-            },
+            max_new_tokens={task: service.max_new_tokens(task) for task in ("vqa", "report", "ground")},
         ),
     )
 

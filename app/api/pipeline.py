@@ -1,7 +1,7 @@
-"""The path every task request takes: admit, read, decode, prepare, batch, generate.
+"""The path every task request takes: admit, read, decode, prepare, then the engine.
 
 Admission comes first so that an overloaded server refuses a request before reading or decoding its
-upload. Decoding and preparing run in worker threads, overlapping with the generate() of the batch before.
+upload. Decoding and preparing run in worker threads, overlapping with the model's work on other requests.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from app.api.deps import get_running
 from app.api.errors import ApiError
 from app.api.middleware import request_record
 from app.api.uploads import FieldsT, read_task_upload
-from app.engine.batcher import DeadlineExceededError
-from app.engine.runtime import Generation
+from app.engine.protocol import DeadlineExceededError, complete
+from app.engine.request import Generation
 from app.imaging import DecodedImage, DicomSource, ImageLimits, decode_image
 from app.schemas import DicomInfo, ImageSize, TaskName, Timing, Usage, WindowInfo
 
@@ -76,7 +76,7 @@ async def run_task(
     Structured Report back), an upload that is not DICOM is refused before the model runs."""
     started = time.monotonic()
     running = get_running(request)
-    service, runtime, batcher = running.service, running.runtime, running.batcher
+    service, runtime, engine = running.service, running.runtime, running.engine
     settings = service.settings
     loop = asyncio.get_running_loop()
     record = request_record(request)
@@ -88,15 +88,16 @@ async def run_task(
         max_pixels=settings.max_image_pixels,
         max_frames=settings.max_dicom_frames,
     )
-    with batcher.admit() as admission:
+    with engine.admit() as admission:
         try:
             async with asyncio.timeout(budget):
                 upload = await read_within(
                     settings.upload_timeout_s,
                     read_task_upload(request, fields_model, max_image_bytes=settings.max_upload_bytes),
                 )
-                # CPU work, in a small pool of its own: it overlaps with the batch being generated.
+                # CPU work, in a small pool of its own: it overlaps with the model's work.
                 fields = upload.fields
+                options = service.options(task, fields.max_new_tokens)
                 image = await loop.run_in_executor(
                     running.prepare_pool,
                     partial(decode_image, upload.image, limits, frame=fields.frame, window=fields.window),
@@ -113,17 +114,17 @@ async def run_task(
                     runtime.prepare,
                     image.picture,
                     prompt(upload.fields),
-                    service.options(task),
+                    options,
                 )
                 completed = await cancel_on_disconnect(
-                    request, batcher.submit(admission, prepared, deadline_s=deadline)
+                    request, complete(engine, admission, prepared, deadline_s=deadline)
                 )
         except TimeoutError:
             service.metrics.rejections.labels(reason="deadline").inc()
             raise DeadlineExceededError() from None
     record.queue_ms = round(completed.queue_s * 1000, 3)
     record.batch_size = completed.batch_size
-    service.metrics.generated_tokens.labels(task=task).inc(completed.result.completion_tokens)
+    service.metrics.generated_tokens.labels(task=task).inc(completed.generation.completion_tokens)
     return TaskRun(
         request_id=record.request_id,
         model=runtime.description.model,
@@ -131,7 +132,7 @@ async def run_task(
         fields=upload.fields,
         image=image,
         model_input_size=prepared.model_input_size,
-        generation=completed.result,
+        generation=completed.generation,
         queue_s=completed.queue_s,
         inference_s=completed.inference_s,
         started=started,

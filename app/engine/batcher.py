@@ -7,24 +7,30 @@ generate() a batch runs until its longest member finishes, so a 20-token VQA ans
 1000-token report would wait for the report: giving each task its own options keeps short and long work in
 separate batches, and always serving the group whose head has waited longest keeps either from starving.
 
-Admission is decided before any expensive work: `admit()` answers at once, before the upload is read or
-decoded, and a full queue is refused rather than left to time out. The batch itself runs in one dedicated
-worker thread; futures are resolved on the event loop.
+Admission and lifecycle are the shared gate's (`gate.py`): `admit()` answers at once, before the upload is
+read or decoded. The batch itself runs in one dedicated worker thread; futures are resolved on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Generic, TypeVar
 
+from app.engine.gate import Gate
+from app.engine.protocol import (
+    Admission,
+    BatchFailedError,
+    DeadlineExceededError,
+    EngineState,
+    NotAcceptingError,
+    WorkerDiedError,
+)
 from app.metrics import Metrics
 
 ItemT = TypeVar("ItemT")
@@ -33,65 +39,12 @@ ResultT = TypeVar("ResultT")
 logger = logging.getLogger("medmo.engine")
 
 
-class EngineState(StrEnum):
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    DEAD = "dead"
-
-
-class RejectedError(Exception):
-    """The request was refused before any work was done on it."""
-
-
-class QueueFullError(RejectedError):
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__("the server is at capacity; retry later")
-        self.retry_after_s = retry_after_s
-
-
-class NotAcceptingError(RejectedError):
-    """Draining for shutdown, stopped, or the worker died: no new work is taken."""
-
-
-class WorkerDiedError(RuntimeError):
-    """The inference worker failed in a way it cannot recover from; the process must be restarted."""
-
-
-class DeadlineExceededError(Exception):
-    """The request's deadline passed before its result was ready."""
-
-
-class BatchFailedError(RuntimeError):
-    """Generation failed for this request alone (the others in its batch were retried without it)."""
-
-
 @dataclass(frozen=True)
-class Completed(Generic[ResultT]):
+class Batched(Generic[ResultT]):
     result: ResultT
     queue_s: float  # from entering the queue to its batch starting
     inference_s: float  # the batch's generate() time
     batch_size: int
-
-
-class Admission:
-    """A place in the queue, held from admission until the request starts running or gives up."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release = release
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._release()
-
-    def __enter__(self) -> Admission:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 @dataclass(eq=False)
@@ -99,7 +52,7 @@ class _Job(Generic[ItemT, ResultT]):
     item: ItemT
     key: Hashable
     admission: Admission
-    future: asyncio.Future[Completed[ResultT]]
+    future: asyncio.Future[Batched[ResultT]]
     deadline: float
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -126,48 +79,42 @@ class Batcher(Generic[ItemT, ResultT]):
         self._batch_key = batch_key
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
         self._metrics = metrics or Metrics()
+        self.gate = Gate(max_queue=max_queue, parallelism=max_batch_size, metrics=self._metrics)
         self._is_fatal = is_fatal
         self._queues: OrderedDict[Hashable, deque[_Job[ItemT, ResultT]]] = OrderedDict()
-        self._admitted = 0  # admitted and not yet running: being read, decoded, prepared, or queued
-        self._running = 0
         self._arrival = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
         self._running_batch: list[_Job[ItemT, ResultT]] = []
-        self._batch_seconds = 0.0  # moving average, for Retry-After
-        self.state = EngineState.STARTING
-        self.death_reason: str | None = None
 
     # --- lifecycle ---
+
+    @property
+    def state(self) -> EngineState:
+        return self.gate.state
+
+    @property
+    def death_reason(self) -> str | None:
+        return self.gate.death_reason
 
     async def start(self) -> None:
         # One thread: generate() calls never overlap, and the GPU has one stream of work.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medmo-generate")
         self._worker = asyncio.create_task(self._work(), name="medmo-batcher")
         self._worker.add_done_callback(self._on_worker_exit)
-        self.state = EngineState.READY
+        self.gate.open()
 
     def begin_drain(self) -> None:
         """Stop taking new work; what was accepted still runs."""
-        if self.state is EngineState.READY:
-            self.state = EngineState.DRAINING
-            logger.info("draining: new requests are refused, %d in flight", self.in_flight)
+        self.gate.begin_drain()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing is admitted, queued or running. False if the timeout passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await self.gate.wait_idle(timeout_s)
 
     async def stop(self) -> None:
-        if self.state is not EngineState.DEAD:
-            self.state = EngineState.STOPPED
+        self.gate.close()
         self._fail_queued(NotAcceptingError("the server is shutting down"))
         if self._worker is not None:
             self._worker.cancel()
@@ -183,32 +130,22 @@ class Batcher(Generic[ItemT, ResultT]):
 
     @property
     def in_flight(self) -> int:
-        return self._admitted + self._running
+        return self.gate.in_flight
 
     def admit(self) -> Admission:
         """Take a place in the queue or be refused at once, before any work is done on the request."""
-        if self.state is not EngineState.READY:
-            self._metrics.rejections.labels(reason=self.state.value).inc()
-            if self.state is EngineState.DEAD:
-                raise NotAcceptingError("the inference worker has stopped; the service must be restarted")
-            raise NotAcceptingError(f"the server is {self.state.value}; not accepting requests")
-        if self._admitted >= self.max_queue:
-            self._metrics.rejections.labels(reason="queue_full").inc()
-            raise QueueFullError(self.retry_after_s())
-        self._admitted += 1
-        self._idle.clear()
-        self._metrics.queue_depth.set(self._admitted)
-        return Admission(self._release_admission)
+        return self.gate.admit()
 
     def retry_after_s(self) -> int:
-        batches_ahead = self._admitted / self.max_batch_size + 1
-        return max(1, math.ceil(self._batch_seconds * batches_ahead))
+        return self.gate.retry_after_s()
 
-    async def submit(self, admission: Admission, item: ItemT, *, deadline_s: float) -> Completed[ResultT]:
+    async def submit(self, admission: Admission, item: ItemT, *, deadline_s: float) -> Batched[ResultT]:
         """Queue an admitted request and wait for its result until `deadline_s` (time.monotonic())."""
-        if self.state in (EngineState.DEAD, EngineState.STOPPED):
+        try:
+            self.gate.check_open()
+        except NotAcceptingError:
             admission.release()
-            raise NotAcceptingError("the inference worker has stopped; the service must be restarted")
+            raise
         loop = asyncio.get_running_loop()
         job: _Job[ItemT, ResultT] = _Job(
             item=item,
@@ -235,15 +172,6 @@ class Batcher(Generic[ItemT, ResultT]):
             admission.release()
 
     # --- the worker ---
-
-    def _release_admission(self) -> None:
-        self._admitted -= 1
-        self._metrics.queue_depth.set(self._admitted)
-        self._update_idle()
-
-    def _update_idle(self) -> None:
-        if self._admitted == 0 and self._running == 0:
-            self._idle.set()
 
     def _oldest_key(self) -> Hashable | None:
         """Drop finished heads; return the key whose head has waited longest."""
@@ -304,7 +232,7 @@ class Batcher(Generic[ItemT, ResultT]):
 
     async def _execute(self, batch: list[_Job[ItemT, ResultT]]) -> None:
         started = time.monotonic()
-        self._running += len(batch)
+        self.gate.started_running(len(batch))
         for job in batch:
             job.admission.release()
             self._metrics.queue_wait.observe(started - job.enqueued_at)
@@ -325,12 +253,9 @@ class Batcher(Generic[ItemT, ResultT]):
             raise
         finally:
             self._running_batch = []
-            self._running -= len(batch)
-            self._update_idle()
+            self.gate.finished_running(len(batch))
         elapsed = time.monotonic() - started
-        self._batch_seconds = (
-            elapsed if self._batch_seconds == 0 else 0.8 * self._batch_seconds + 0.2 * elapsed
-        )
+        self.gate.observe_service_time(elapsed)
         self._metrics.inference_time.observe(elapsed)
         for job, outcome in zip(batch, outcomes, strict=True):
             if job.future.done():
@@ -339,7 +264,7 @@ class Batcher(Generic[ItemT, ResultT]):
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(
-                    Completed(
+                    Batched(
                         result=outcome,
                         queue_s=started - job.enqueued_at,
                         inference_s=elapsed,
@@ -370,12 +295,10 @@ class Batcher(Generic[ItemT, ResultT]):
         return list(results)
 
     def _die(self, exc: BaseException) -> None:
-        if self.state is EngineState.DEAD:
-            return
-        self.state = EngineState.DEAD
-        self.death_reason = type(exc).__name__
-        logger.critical("inference worker stopped after %s; failing all queued requests", type(exc).__name__)
-        self._fail_queued(WorkerDiedError("the inference worker has stopped; the service must be restarted"))
+        if self.gate.die(exc):
+            self._fail_queued(
+                WorkerDiedError("the inference worker has stopped; the service must be restarted")
+            )
 
     def _fail_running(self, error: Exception) -> None:
         for job in self._running_batch:

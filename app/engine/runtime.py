@@ -1,8 +1,9 @@
 """The model runtime: loads MedMO with transformers once, prepares requests, runs batches through generate().
 
-Preparing (resize, chat template, processor) is done per request, in whichever thread the caller uses, so it
-overlaps with the generate() of the batch before. `generate()` takes any number of prepared requests and runs
-them as one call: batching is the caller's business, not this module's.
+Preparing (resize, chat template, processor, rope positions) is done per request, in whichever thread the
+caller uses, so it overlaps with the model's work on other requests. `generate()` takes any number of prepared
+requests and runs them as one call of transformers' `generate()`: the reference every engine is held to.
+Batching is the caller's business, not this module's.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,38 +22,12 @@ from qwen_vl_utils import fetch_image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
+from app.engine.request import FinishReason, Generation, GenerationOptions, PreparedRequest
 from app.settings import Settings
 
 
 class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what failed and what to set."""
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Everything that must be equal for two requests to share one generate() call."""
-
-    max_new_tokens: int
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """One request as the model takes it: processor output with a batch dimension of one."""
-
-    features: Mapping[str, torch.Tensor]
-    model_input_size: tuple[int, int]  # (width, height) of the picture the model actually sees
-    options: GenerationOptions
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.features["input_ids"].shape[1])
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass(frozen=True)
@@ -65,13 +40,17 @@ class RuntimeDescription:
 
 
 class Runtime(Protocol):
-    """What the service needs from a runtime; ModelRuntime is the real one."""
+    """What the service and its engines need from a runtime; ModelRuntime is the real one."""
 
     description: RuntimeDescription
+    model: Any  # the transformers model, for engines that drive its forward passes themselves
+    eos_token_ids: frozenset[int]
 
     def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest: ...
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
+
+    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation: ...
 
 
 @dataclass(frozen=True)
@@ -247,7 +226,7 @@ class ModelRuntime:
         return conversation
 
     def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
-        """Resize and tokenize one request. Safe to call from many threads while generate() runs."""
+        """Resize and tokenize one request. Safe to call from many threads while the model runs."""
         conversation = self.messages(picture, prompt)
         # qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only ever
         # handed a decoded PIL image: given a string it would open local paths and fetch URLs.
@@ -257,26 +236,39 @@ class ModelRuntime:
                 conversation, tokenize=False, add_generation_prompt=True
             )
             features = self.processor(text=[text], images=[resized], return_tensors="pt")
-        _, grid_height, grid_width = (int(v) for v in features["image_grid_thw"][0])
+        tensors = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
+        # The model's own rope index (it reads only the config), computed here so that no engine spends its
+        # device thread on it.
+        positions, deltas = self.model.model.get_rope_index(
+            tensors["input_ids"],
+            mm_token_type_ids=tensors["mm_token_type_ids"],
+            image_grid_thw=tensors["image_grid_thw"],
+        )
+        _, grid_height, grid_width = (int(v) for v in tensors["image_grid_thw"][0])
         return PreparedRequest(
-            features={key: value for key, value in features.items() if isinstance(value, torch.Tensor)},
+            features=tensors,
             model_input_size=(grid_width * self.patch_size, grid_height * self.patch_size),
             options=options,
+            rope_positions=positions[:, 0],
+            rope_delta=int(deltas.view(-1)[0]),
         )
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
-        """Run the requests as one generate() call; results come back in the same order."""
+        """Run the requests as one generate() call; results come back in the same order.
+
+        Requests may ask for different numbers of tokens: the call runs to the largest, and each request keeps
+        its own first tokens. Decoding is greedy, so those are exactly what it would have generated alone.
+        """
         if not batch:
             return []
-        options = batch[0].options
-        if any(item.options != options for item in batch):
-            raise ValueError("requests with different generation options cannot share a generate() call")
+        if len({item.options.group for item in batch}) > 1:
+            raise ValueError("requests of different groups cannot share a generate() call")
         inputs = collate([item.features for item in batch], self.pad_token_id)
         device = self.model.device
         inputs = {key: value.to(device) for key, value in inputs.items()}
         config = GenerationConfig(
             do_sample=False,
-            max_new_tokens=options.max_new_tokens,
+            max_new_tokens=max(item.options.max_new_tokens for item in batch),
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
         )
@@ -288,25 +280,25 @@ class ModelRuntime:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
-        new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
-        texts = self.processor.batch_decode(
-            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [
-            Generation(
-                text=text,
-                prompt_tokens=item.prompt_tokens,
-                completion_tokens=self._completion_length(row.tolist()),
-            )
-            for text, item, row in zip(texts, batch, new_tokens, strict=True)
+            self.finish(item, row[: item.options.max_new_tokens])
+            for item, row in zip(batch, new_tokens, strict=True)
         ]
 
-    def _completion_length(self, tokens: list[int]) -> int:
-        """Generated tokens up to and including the end-of-turn token; what follows is batch padding."""
-        for index, token in enumerate(tokens):
+    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation:
+        """The generation a request's tokens make: up to and including its end-of-turn token, as text."""
+        kept: list[int] = []
+        reason: FinishReason = "length"
+        for token in tokens:
+            kept.append(token)
             if token in self.eos_token_ids:
-                return index + 1
-        return len(tokens)
+                reason = "stop"
+                break
+        text = self.processor.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return Generation(
+            text=text, token_ids=tuple(kept), prompt_tokens=request.prompt_tokens, finish_reason=reason
+        )
 
 
 def is_fatal_error(exc: BaseException) -> bool:

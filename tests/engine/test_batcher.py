@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 import pytest
 import torch
 
-from app.engine.batcher import (
-    Batcher,
+from app.engine.batcher import Batcher
+from app.engine.protocol import (
     BatchFailedError,
     DeadlineExceededError,
     EngineState,

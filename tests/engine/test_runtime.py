@@ -8,7 +8,8 @@ from PIL import Image
 from qwen_vl_utils import process_vision_info
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-from app.engine.runtime import GenerationOptions, ModelLoadError, ModelRuntime, collate
+from app.engine.request import GenerationOptions
+from app.engine.runtime import ModelLoadError, ModelRuntime, collate
 from app.settings import Settings
 from tests.conftest import README_GROUNDING_REPLY, rgb_image
 

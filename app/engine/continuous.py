@@ -1,0 +1,466 @@
+"""The continuous-batching engine (MEDMO_ENGINE=continuous): requests join and leave the running batch at
+every step.
+
+One scheduler thread owns the device. Each iteration it
+
+1. takes new arrivals, and drops requests whose client went away or whose deadline passed (also mid-way
+   through decoding: their slot is free for the next request at once);
+2. starts waiting requests in free slots, oldest first: their prompts (image included) run packed in one
+   prefill, bounded by a token budget so that a burst of new requests cannot stall decoding for long;
+3. runs one decode step for every running request;
+4. finishes requests that wrote an end-of-turn token or reached their limit, and hands their slots on;
+5. sends what happened to the event loop in one callback.
+
+A short answer therefore never waits for a long report: it leaves the batch the moment it is done. The event
+loop side (admission, deadlines, drain) is the same gate as the reference engine's. The device work itself
+is `slots.SlotRunner`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from app.engine.gate import Gate
+from app.engine.protocol import (
+    Admission,
+    BatchFailedError,
+    Completed,
+    ContextTooLongError,
+    DeadlineExceededError,
+    EngineState,
+    NotAcceptingError,
+    StreamEvent,
+    TokenDelta,
+    WorkerDiedError,
+)
+from app.engine.request import Generation, PreparedRequest
+from app.engine.runtime import is_fatal_error
+from app.metrics import Metrics
+
+logger = logging.getLogger("medmo.engine")
+
+
+class Runner(Protocol):
+    """The device work of the engine; `slots.SlotRunner` is the real one."""
+
+    slots: int
+    context: int
+
+    def warm_up(self) -> None: ...
+
+    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]: ...
+
+    def decode(self, active: int) -> list[int]: ...
+
+    def move(self, source: int, target: int) -> None: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+
+class Finisher(Protocol):
+    eos_token_ids: frozenset[int]
+
+    def finish(self, request: PreparedRequest, tokens: Sequence[int]) -> Generation: ...
+
+
+@dataclass(eq=False)
+class _Job:
+    request: PreparedRequest
+    place: Admission
+    deadline: float
+    deltas: bool  # whether the client reads tokens as they come, or only the result
+    submitted_at: float
+    mailbox: asyncio.Queue[StreamEvent | BaseException] = field(default_factory=asyncio.Queue)
+    # Set on the event loop when the client goes away; read by the scheduler at its next iteration.
+    abandoned: bool = False
+    # The scheduler's own, from here on.
+    tokens: list[int] = field(default_factory=list)
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    batch_size: int = 0
+    failure: BaseException | None = None
+
+    def gone(self, now: float) -> bool:
+        return self.abandoned or now >= self.deadline
+
+
+@dataclass
+class _Outbox:
+    """What one scheduler iteration tells the event loop: delivered together, in order, in one callback."""
+
+    started: list[_Job] = field(default_factory=list)
+    events: list[tuple[_Job, TokenDelta]] = field(default_factory=list)
+    ended: list[_Job] = field(default_factory=list)  # finished, failed or abandoned after starting
+    refused: list[tuple[_Job, BaseException]] = field(default_factory=list)  # failed before starting
+
+    def __bool__(self) -> bool:
+        return bool(self.started or self.events or self.ended or self.refused)
+
+
+class ContinuousEngine:
+    name = "continuous"
+
+    def __init__(
+        self,
+        runner: Runner,
+        finisher: Finisher,
+        *,
+        max_queue: int,
+        prefill_token_budget: int,
+        metrics: Metrics,
+        is_fatal: Callable[[BaseException], bool] = is_fatal_error,
+    ) -> None:
+        self._runner = runner
+        self._finisher = finisher
+        self._eos = finisher.eos_token_ids
+        self.prefill_token_budget = prefill_token_budget
+        self._metrics = metrics
+        self._is_fatal = is_fatal
+        self.gate = Gate(max_queue=max_queue, parallelism=runner.slots, metrics=metrics)
+        self._inbox: deque[_Job] = deque()  # from the loop to the scheduler, under _lock
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The scheduler's own state.
+        self._waiting: deque[_Job] = deque()
+        self._active: list[_Job] = []  # the request in slot i is _active[i]
+        self._outbox = _Outbox()
+
+    # --- the event loop's side ---
+
+    @property
+    def state(self) -> EngineState:
+        return self.gate.state
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.in_flight
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self.gate.running
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._schedule, args=(ready,), name="medmo-scheduler", daemon=True
+        )
+        self._thread.start()
+        await ready  # decode graphs are captured before the first request is taken
+        self.gate.open()
+
+    def admit(self) -> Admission:
+        return self.gate.admit()
+
+    async def stream(
+        self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
+    ) -> AsyncGenerator[StreamEvent, None]:
+        job: _Job | None = None
+        try:
+            self.gate.check_open()
+            self._check_fits(request)
+            job = _Job(
+                request=request,
+                place=admission,
+                deadline=deadline_s,
+                deltas=deltas,
+                submitted_at=time.monotonic(),
+            )
+            with self._lock:
+                self._inbox.append(job)
+            self._wake.set()
+            while True:
+                remaining = deadline_s - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceededError()
+                try:
+                    event = await asyncio.wait_for(job.mailbox.get(), remaining)
+                except TimeoutError:
+                    self._metrics.rejections.labels(reason="deadline").inc()
+                    raise DeadlineExceededError() from None
+                if isinstance(event, BaseException):
+                    if isinstance(event, DeadlineExceededError):
+                        self._metrics.rejections.labels(reason="deadline").inc()
+                    raise event
+                yield event
+                if isinstance(event, Completed):
+                    return
+        finally:
+            # However the stream ended early (deadline, a client gone, cancellation), the scheduler stops
+            # working on it at its next iteration, and its place in the queue is given back.
+            if job is not None:
+                job.abandoned = True
+                self._wake.set()
+            admission.release()
+
+    def _check_fits(self, request: PreparedRequest) -> None:
+        needed = request.prompt_tokens + request.options.max_new_tokens - 1
+        if needed > self._runner.context:
+            raise ContextTooLongError(
+                f"the image and prompt take {request.prompt_tokens} tokens and {request.options.max_new_tokens} "
+                f"new tokens were asked for: more than the {self._runner.context}-token context the engine "
+                "holds per request (ask for fewer tokens, a shorter text, or a smaller image)"
+            )
+
+    def begin_drain(self) -> None:
+        self.gate.begin_drain()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.gate.wait_idle(timeout_s)
+
+    async def stop(self) -> None:
+        self.gate.close()
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "prefill_token_budget": self.prefill_token_budget,
+            **self._runner.describe(),
+        }
+
+    def _deliver(self, outbox: _Outbox) -> None:
+        """On the event loop: hand one iteration's news to the waiting streams and to the gate."""
+        for job in outbox.started:
+            # Running now: the queue place goes back first, so the engine is never seen idle in between.
+            self.gate.started_running()
+            job.place.release()
+        for job, delta in outbox.events:
+            job.mailbox.put_nowait(delta)
+        for job in outbox.ended:
+            self.gate.finished_running()
+            if job.failure is not None:
+                job.mailbox.put_nowait(job.failure)
+            elif not job.abandoned:
+                job.mailbox.put_nowait(self._completed(job))
+        for job, error in outbox.refused:
+            job.mailbox.put_nowait(error)
+
+    def _completed(self, job: _Job) -> Completed:
+        finished_at = time.monotonic()
+        generation = self._finisher.finish(job.request, job.tokens)
+        if len(job.tokens) > 1:
+            per_token = (finished_at - job.first_token_at) / (len(job.tokens) - 1)
+            self._metrics.inter_token_latency.observe(per_token)
+        self.gate.observe_service_time(finished_at - job.started_at)
+        return Completed(
+            generation=generation,
+            queue_s=job.started_at - job.submitted_at,
+            inference_s=finished_at - job.started_at,
+            batch_size=job.batch_size,
+        )
+
+    # --- the scheduler thread ---
+
+    def _schedule(self, ready: asyncio.Future[None]) -> None:
+        with torch.inference_mode():
+            try:
+                self._runner.warm_up()
+            except BaseException as exc:
+                self._post(_settle, ready, exc)
+                return
+            logger.info("continuous engine ready: %s", self._runner.describe())
+            self._post(_settle, ready, None)
+            try:
+                self._serve()
+            except BaseException as exc:
+                self._fail_everything(
+                    WorkerDiedError("the inference worker failed; the service must be restarted")
+                )
+                self._flush()
+                self._post(self._died, exc)
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            if not self._active and not self._waiting:
+                self._wake.wait()
+            self._wake.clear()
+            self._take_arrivals()
+            self._drop_abandoned()
+            if self._waiting and len(self._active) < self._runner.slots:
+                self._prefill()
+            if self._active:
+                self._decode()
+            self._metrics.running_requests.set(len(self._active))
+            self._metrics.waiting_requests.set(len(self._waiting))
+            self._metrics.slot_occupancy.set(len(self._active) / self._runner.slots)
+            self._flush()
+        self._fail_everything(NotAcceptingError("the server is shutting down"))
+        self._flush()
+
+    def _take_arrivals(self) -> None:
+        with self._lock:
+            self._waiting.extend(self._inbox)
+            self._inbox.clear()
+
+    def _drop_abandoned(self) -> None:
+        """Forget requests whose client went away or whose deadline passed, running ones included."""
+        now = time.monotonic()
+        if any(job.gone(now) for job in self._waiting):
+            for job in self._waiting:
+                if job.gone(now):
+                    self._outbox.refused.append((job, DeadlineExceededError()))
+            self._waiting = deque(job for job in self._waiting if not job.gone(now))
+        gone = [row for row, job in enumerate(self._active) if job.gone(now)]
+        for row in gone:
+            self._active[row].failure = DeadlineExceededError()  # what its client sees, if still there
+        self._retire(gone)
+
+    def _prefill(self) -> None:
+        free = self._runner.slots - len(self._active)
+        chosen: list[_Job] = []
+        tokens = 0
+        while self._waiting and len(chosen) < free:
+            cost = self._waiting[0].request.prompt_tokens
+            if chosen and tokens + cost > self.prefill_token_budget:
+                break
+            chosen.append(self._waiting.popleft())
+            tokens += cost
+        first_slot = len(self._active)
+        started = time.monotonic()
+        for job in chosen:
+            job.started_at = started
+            job.batch_size = len(chosen)
+        self._outbox.started.extend(chosen)
+        self._flush()  # their places in the queue are free from now, not from the end of the prefill
+        self._active.extend(chosen)
+        entries = [(first_slot + index, job) for index, job in enumerate(chosen)]
+        self._prefill_isolating(entries)
+        self._metrics.prefill_seconds.observe(time.monotonic() - started)
+        done = []
+        for slot, job in entries:
+            if job.failure is None:
+                self._metrics.time_to_first_token.observe(job.first_token_at - job.submitted_at)
+                if self._finished(job):
+                    done.append(slot)
+            else:
+                done.append(slot)
+        self._retire(done)
+
+    def _prefill_isolating(self, entries: list[tuple[int, _Job]]) -> None:
+        """Prefill; if it fails, split the group to find the request that fails and still start the rest."""
+        try:
+            firsts = self._runner.prefill([(slot, job.request) for slot, job in entries])
+        except Exception as exc:
+            if self._is_fatal(exc):
+                raise
+            if len(entries) == 1:
+                logger.warning("prefill failed for one request: %s", type(exc).__name__)
+                failure = BatchFailedError("generation failed for this request")
+                failure.__cause__ = exc
+                entries[0][1].failure = failure
+                return
+            middle = len(entries) // 2
+            self._prefill_isolating(entries[:middle])
+            self._prefill_isolating(entries[middle:])
+            return
+        now = time.monotonic()
+        for (_, job), token in zip(entries, firsts, strict=True):
+            job.first_token_at = now
+            self._emit(job, token)
+
+    def _decode(self) -> None:
+        active = len(self._active)
+        began = time.monotonic()
+        try:
+            tokens = self._runner.decode(active)
+        except Exception as exc:
+            if self._is_fatal(exc):
+                raise
+            logger.warning("a decode step failed for %d requests: %s", active, type(exc).__name__)
+            for job in self._active:
+                job.failure = BatchFailedError("generation failed for this request")
+                job.failure.__cause__ = exc
+            self._retire(list(range(active)))
+            return
+        self._metrics.decode_step_seconds.observe(time.monotonic() - began)
+        done = []
+        for row, (job, token) in enumerate(zip(self._active, tokens, strict=True)):
+            self._emit(job, token)
+            if active > job.batch_size:
+                job.batch_size = active
+            if self._finished(job):
+                done.append(row)
+        self._retire(done)
+
+    def _emit(self, job: _Job, token: int) -> None:
+        job.tokens.append(token)
+        if job.deltas:
+            self._outbox.events.append((job, TokenDelta((token,))))
+
+    def _finished(self, job: _Job) -> bool:
+        return job.tokens[-1] in self._eos or len(job.tokens) >= job.request.options.max_new_tokens
+
+    def _retire(self, rows: Sequence[int]) -> None:
+        """Free the slots of these rows; the last running request moves into each freed slot."""
+        for row in sorted(rows, reverse=True):
+            job = self._active[row]
+            last = len(self._active) - 1
+            if row != last:
+                self._runner.move(last, row)
+                self._active[row] = self._active[last]
+            else:
+                self._runner.release(row)
+            self._active.pop()
+            self._outbox.ended.append(job)
+
+    def _fail_everything(self, error: BaseException) -> None:
+        self._take_arrivals()
+        for job in self._waiting:
+            self._outbox.refused.append((job, error))
+        self._waiting.clear()
+        for job in self._active:
+            job.failure = error
+            self._outbox.ended.append(job)
+        self._active.clear()
+
+    def _flush(self) -> None:
+        if self._outbox:
+            outbox, self._outbox = self._outbox, _Outbox()
+            self._post(self._deliver, outbox)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _died(self, exc: BaseException) -> None:
+        """On the event loop, once the scheduler thread has ended: nothing submitted from now on can run."""
+        self.gate.die(exc)
+        with self._lock:
+            stranded, self._inbox = list(self._inbox), deque()
+        for job in stranded:
+            job.mailbox.put_nowait(
+                WorkerDiedError("the inference worker has stopped; the service must be restarted")
+            )
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,99 @@
+"""The reference engine (MEDMO_ENGINE=generate): whole batches through transformers' `generate()`.
+
+Requests wait briefly in the batch queue (`batcher.py`) and run together in one `generate()` call, which
+lasts as long as its longest member. Requests of one task share batches, so a short answer never waits for a
+long report. Its tokens arrive all at once, when the batch ends. It is the path every faster engine is
+held to, token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from app.engine.batcher import Batcher
+from app.engine.protocol import Admission, Completed, EngineState, StreamEvent, TokenDelta
+from app.engine.request import Generation, PreparedRequest
+from app.engine.runtime import is_fatal_error
+from app.metrics import Metrics
+
+
+class BatchGenerator(Protocol):
+    def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
+
+
+def _group(request: PreparedRequest) -> str:
+    return request.options.group
+
+
+class GenerateEngine:
+    name = "generate"
+
+    def __init__(
+        self,
+        runtime: BatchGenerator,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics: Metrics,
+    ) -> None:
+        self.batcher: Batcher[PreparedRequest, Generation] = Batcher(
+            runtime.generate,
+            batch_key=_group,
+            max_batch_size=max_batch_size,
+            max_wait_s=max_wait_s,
+            max_queue=max_queue,
+            metrics=metrics,
+            is_fatal=is_fatal_error,
+        )
+        self._metrics = metrics
+
+    @property
+    def state(self) -> EngineState:
+        return self.batcher.state
+
+    @property
+    def in_flight(self) -> int:
+        return self.batcher.in_flight
+
+    @property
+    def waiting(self) -> int:
+        return self.batcher.queued
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    def admit(self) -> Admission:
+        return self.batcher.admit()
+
+    async def stream(
+        self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
+    ) -> AsyncGenerator[StreamEvent, None]:
+        done = await self.batcher.submit(admission, request, deadline_s=deadline_s)
+        generation = done.result
+        self._metrics.time_to_first_token.observe(done.queue_s + done.inference_s)
+        if deltas:  # all at once: whole-batch generation has nothing to show before the batch ends
+            yield TokenDelta(generation.token_ids)
+        yield Completed(
+            generation=generation,
+            queue_s=done.queue_s,
+            inference_s=done.inference_s,
+            batch_size=done.batch_size,
+        )
+
+    def begin_drain(self) -> None:
+        self.batcher.begin_drain()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.batcher.wait_idle(timeout_s)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "max_batch_size": self.batcher.max_batch_size,
+            "max_wait_ms": self.batcher.max_wait_s * 1000,
+        }

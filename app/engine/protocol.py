@@ -1,0 +1,162 @@
+"""The engine boundary: what the HTTP layer may ask of whatever turns prepared requests into tokens.
+
+An engine admits requests (or refuses them at once), then streams each admitted request's tokens as they
+are generated, ending with the finished result. A non-streaming answer is that stream collected. The
+lifecycle (ready, draining, stopped, dead) and the errors below are the same for every engine, so the HTTP
+layer maps them to statuses once, whichever engine serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from app.engine.request import Generation, PreparedRequest
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    DEAD = "dead"
+
+
+# --- what an engine refuses or fails with ---
+
+
+class RejectedError(Exception):
+    """The request was refused before any work was done on it."""
+
+
+class QueueFullError(RejectedError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class NotAcceptingError(RejectedError):
+    """Draining for shutdown, stopped, or the worker died: no new work is taken."""
+
+
+class ContextTooLongError(RejectedError):
+    """The prompt and the tokens asked for do not fit in the context the engine was sized for."""
+
+
+class WorkerDiedError(RuntimeError):
+    """The inference worker failed in a way it cannot recover from; the process must be restarted."""
+
+
+class DeadlineExceededError(Exception):
+    """The request's deadline passed before its result was ready."""
+
+
+class BatchFailedError(RuntimeError):
+    """Generation failed for this request alone (the others it ran with were served without it)."""
+
+
+# --- what an engine streams ---
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens a request generated since its previous event."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Completed:
+    """The last event of a request's stream."""
+
+    generation: Generation
+    queue_s: float  # from entering the engine to the model starting on it
+    inference_s: float  # from the model starting on it to its last token
+    batch_size: int  # the most requests that shared a forward pass with it
+
+
+StreamEvent = TokenDelta | Completed
+
+
+class Admission:
+    """A place in the queue, held from admission until the request starts running or gives up."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._release()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Engine(Protocol):
+    """Turns prepared requests into tokens. The HTTP layer sees nothing else of the model's scheduling."""
+
+    name: str
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted and not yet finished: being read or prepared, waiting, or running."""
+        ...
+
+    @property
+    def waiting(self) -> int:
+        """Submitted and not yet started by the model."""
+        ...
+
+    async def start(self) -> None:
+        """Start serving; returns once requests are taken (READY), or raises if the engine cannot start."""
+        ...
+
+    def admit(self) -> Admission:
+        """Take a place or be refused at once (QueueFullError, NotAcceptingError), before any work is done."""
+        ...
+
+    def stream(
+        self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The request's tokens as they are generated (unless `deltas` is false), then one Completed.
+
+        Closing the stream early (a client that went away) stops its generation; past `deadline_s`
+        (time.monotonic()) it raises DeadlineExceededError. Use it inside `contextlib.aclosing`.
+        """
+        ...
+
+    def begin_drain(self) -> None:
+        """Stop taking new work; what was accepted still runs."""
+        ...
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is admitted or running. False if the timeout passed first."""
+        ...
+
+    async def stop(self) -> None: ...
+
+    def describe(self) -> dict[str, object]:
+        """What an operator should know about this engine (for /info), in plain values."""
+        ...
+
+
+async def complete(
+    engine: Engine, admission: Admission, request: PreparedRequest, *, deadline_s: float
+) -> Completed:
+    """Run a request to its end and return the final event: the non-streaming way to use an engine."""
+    async with aclosing(engine.stream(admission, request, deadline_s=deadline_s, deltas=False)) as events:
+        async for event in events:
+            if isinstance(event, Completed):
+                return event
+    raise WorkerDiedError("the engine ended a stream without a result")

@@ -1,0 +1,381 @@
+"""The device side of the continuous engine: a KV cache of slots, and the model's forward over them.
+
+Each running request owns one slot, a row of a cache preallocated for `slots` requests of up to `context`
+tokens, with its own length and its own multimodal rope offset (Qwen3-VL's `rope_delta`). The model is
+transformers' own; what changes is where its attention reads and writes. An attention function registered
+with transformers (`AttentionInterface`) and selected for the text model only does that:
+
+- **prefill** runs several new requests packed into one forward (the vision tower and every projection see
+  them together): each request attends causally to itself alone, exactly as it would alone, and its keys and
+  values land in its slot;
+- **decode** runs one token for the first `batch` slots: each row writes its new key and value at its own
+  length, and attends to its own length only, through a mask over a span rounded up to a few buckets.
+
+Running requests always occupy slots 0..n-1: a request that finishes hands its slot to the last one (a copy
+of that row's filled length), so a decode step never gathers rows. On CUDA and ROCm each (batch, span)
+bucket's decode step is captured once as a graph at startup and replayed, which removes the per-kernel
+launch cost that dominates an eager step; the CPU runs the same step eagerly.
+
+Without a `medmo_slots` argument the attention function is plain SDPA, so `generate()` on the same model
+still works (it is how the engines are compared).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from app.engine.request import PreparedRequest
+
+logger = logging.getLogger("medmo.engine")
+
+ATTENTION = "medmo_slots"
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SMALLEST_SPAN = 256
+GIB = 1024**3
+
+
+# --- attention over slots ---
+
+
+class SlotCache:
+    """Keys and values of every layer and slot: (layers, slots, kv_heads, context, head_dim) each."""
+
+    def __init__(
+        self,
+        *,
+        layers: int,
+        slots: int,
+        context: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (layers, slots, kv_heads, context, head_dim)
+        # Zeros, not empty: masked positions still multiply their values by a zero weight, and uninitialised
+        # memory can hold NaN, which a zero weight does not cancel.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = slots
+        self.context = context
+
+    @staticmethod
+    def bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
+        head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        element = torch.empty((), dtype=dtype).element_size()
+        return int(2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * element)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+@dataclass(frozen=True)
+class PrefillSlots:
+    """A packed prefill: segment i is tokens [start, start + length) of the forward, bound for `slot`."""
+
+    cache: SlotCache
+    segments: Sequence[tuple[int, int, int]]  # (slot, start, length)
+
+    def attend(
+        self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        layer = module.layer_idx
+        outputs = []
+        for slot, start, length in self.segments:
+            end = start + length
+            self.cache.keys[layer, slot, :, :length] = key[0, :, start:end]
+            self.cache.values[layer, slot, :, :length] = value[0, :, start:end]
+            # The same call, on the same tokens, that the model makes for this request alone.
+            output, _ = sdpa_attention_forward(
+                module,
+                query[:, :, start:end],
+                key[:, :, start:end],
+                value[:, :, start:end],
+                None,
+                scaling=scaling,
+            )
+            outputs.append(output)
+        return torch.cat(outputs, dim=1)
+
+
+@dataclass(frozen=True)
+class DecodeSlots:
+    """One decode step for slots 0..batch-1; `lengths` is where each row writes, `span` how far all read."""
+
+    cache: SlotCache
+    rows: torch.Tensor  # arange(batch)
+    lengths: torch.Tensor  # (batch,)
+    span: int
+
+    def attend(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        layer = module.layer_idx
+        batch, heads, _, head_dim = query.shape
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.rows, :, self.lengths] = key[:, :, 0]
+        values[self.rows, :, self.lengths] = value[:, :, 0]
+        kv_heads = keys.shape[1]
+        # Grouped-query attention without copying the cache per head: the query heads that share a key/value
+        # head become that head's rows of queries (one token each, so no causal order among them).
+        grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+        output = F.scaled_dot_product_attention(
+            grouped,
+            keys[:batch, :, : self.span],
+            values[:batch, :, : self.span],
+            attn_mask=mask,
+            scale=scaling,
+        )
+        return output.reshape(batch, 1, heads, head_dim)
+
+
+def slot_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    medmo_slots: PrefillSlots | DecodeSlots | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The text model's attention when it runs for the continuous engine; plain SDPA otherwise."""
+    if isinstance(medmo_slots, DecodeSlots):
+        assert attention_mask is not None
+        return medmo_slots.attend(module, query, key, value, attention_mask, scaling), None
+    if isinstance(medmo_slots, PrefillSlots):
+        return medmo_slots.attend(module, query, key, value, scaling), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def use_slot_attention(model: Any) -> None:
+    """Route the text model's attention through `slot_attention`; the vision tower keeps its own."""
+    AttentionInterface.register(ATTENTION, slot_attention)
+    # Masks for calls without slots (generate()) are SDPA's; the engine passes its own 4-D masks, which
+    # transformers hands to the attention function untouched.
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.model.language_model.config._attn_implementation = ATTENTION
+
+
+# --- the runner ---
+
+
+def buckets_up_to(limit: int, candidates: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted({size for size in candidates if size < limit} | {limit}))
+
+
+def span_buckets(context: int) -> tuple[int, ...]:
+    spans = []
+    span = SMALLEST_SPAN
+    while span < context:
+        spans.append(span)
+        span *= 2
+    return (*spans, context)
+
+
+def smallest_at_least(value: int, buckets: Sequence[int]) -> int:
+    for bucket in buckets:
+        if bucket >= value:
+            return bucket
+    raise ValueError(f"{value} is beyond the largest bucket {buckets[-1]}")
+
+
+class SlotRunner:
+    """Prefill and decode on the device, for the engine's scheduler thread (and no other thread)."""
+
+    def __init__(self, model: Any, *, slots: int, context: int, graphs: bool) -> None:
+        use_slot_attention(model)
+        self.model = model
+        self.slots = slots
+        self.context = context
+        text = model.model.language_model
+        self._text = text
+        self._embed = text.embed_tokens
+        self._lm_head = model.lm_head
+        config = text.config
+        device, dtype = model.device, model.dtype
+        self.cache = SlotCache(
+            layers=config.num_hidden_layers,
+            slots=slots,
+            context=context,
+            kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            dtype=dtype,
+            device=device,
+        )
+        self.device = device
+        self.batch_buckets = buckets_up_to(slots, BATCH_BUCKETS)
+        self.span_buckets = span_buckets(context)
+        # Inputs and outputs of the decode step, at fixed addresses so that graphs can replay on them.
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self._deltas = torch.zeros(slots, dtype=torch.long, device=device)
+        self._rows = torch.arange(slots, device=device)
+        self._positions = torch.arange(context, device=device)
+        self.lengths = [0] * slots  # the host's copy, for choosing buckets without a device sync
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._want_graphs = graphs and device.type == "cuda"
+        self.graph_note = "off" if not self._want_graphs else "not captured yet"
+
+    # --- startup ---
+
+    def warm_up(self) -> None:
+        """Capture one decode graph per (batch, span) bucket; on failure, decode eagerly and say why once."""
+        if not self._want_graphs:
+            self.graph_note = "eager (the CPU has no graphs)" if self.device.type == "cpu" else "off"
+            return
+        if self._graphs:
+            return  # captured already
+        try:
+            self._capture()
+        except Exception as exc:  # any capture failure leaves a working, slower engine
+            self._graphs.clear()
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            self.graph_note = f"eager: capture failed ({type(exc).__name__}: {reason})"
+            logger.warning("decode graphs could not be captured; decoding eagerly: %s", self.graph_note)
+        finally:
+            self._lengths.zero_()
+
+    def _capture(self) -> None:
+        pool = None
+        side = torch.cuda.Stream(device=self.device)
+        count = 0
+        for batch in reversed(self.batch_buckets):
+            for span in reversed(self.span_buckets):
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._step(batch, span)  # first run outside the graph: lazy initialisation, autotuning
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(batch, span)
+                pool = graph.pool()
+                self._graphs[(batch, span)] = graph
+                count += 1
+        torch.cuda.synchronize(self.device)
+        self.graph_note = (
+            f"{count} graphs ({len(self.batch_buckets)} batch x {len(self.span_buckets)} span buckets)"
+        )
+
+    # --- the forward passes ---
+
+    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
+        """Run new requests' prompts into their slots; return each one's first generated token."""
+        segments = []
+        start = 0
+        for slot, request in entries:
+            segments.append((slot, start, request.prompt_tokens))
+            start += request.prompt_tokens
+        features = [request.features for _, request in entries]
+        device = self.device
+        input_ids = torch.cat([f["input_ids"] for f in features], dim=1).to(device)
+        positions = torch.cat([request.rope_positions for _, request in entries], dim=1)
+        hidden = self.model.model(
+            input_ids=input_ids,
+            pixel_values=torch.cat([f["pixel_values"] for f in features]).to(device),
+            image_grid_thw=torch.cat([f["image_grid_thw"] for f in features]).to(device),
+            position_ids=positions.unsqueeze(1).to(device),
+            use_cache=False,
+            medmo_slots=PrefillSlots(self.cache, segments),
+        ).last_hidden_state
+        ends = torch.tensor([begin + length - 1 for _, begin, length in segments], device=device)
+        first = self._lm_head(hidden[0, ends]).argmax(-1)
+        slots = torch.tensor([slot for slot, _ in entries], device=device)
+        self._tokens[slots] = first
+        self._lengths[slots] = torch.tensor([r.prompt_tokens for _, r in entries], device=device)
+        self._deltas[slots] = torch.tensor([r.rope_delta for _, r in entries], device=device)
+        for slot, request in entries:
+            self.lengths[slot] = request.prompt_tokens
+        return [int(token) for token in first.tolist()]
+
+    def decode(self, active: int) -> list[int]:
+        """One token for each of slots 0..active-1, from the token each holds; the new ones are held next."""
+        batch = smallest_at_least(active, self.batch_buckets)
+        span = smallest_at_least(max(self.lengths[:active]) + 1, self.span_buckets)
+        graph = self._graphs.get((batch, span))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._step(batch, span)
+        self._lengths[:active] += 1
+        for row in range(active):
+            self.lengths[row] += 1
+        return [int(token) for token in self._tokens[:active].tolist()]
+
+    def _step(self, batch: int, span: int) -> None:
+        """The decode step for `batch` rows reading `span` positions: what a graph captures."""
+        tokens = self._tokens[:batch]
+        lengths = self._lengths[:batch]
+        positions = (lengths + self._deltas[:batch]).view(1, batch, 1).expand(3, batch, 1)
+        # Row b reads positions 0..lengths[b]: what it holds, and the token it writes in this step.
+        mask = (self._positions[:span].view(1, span) <= lengths.view(batch, 1)).view(batch, 1, 1, span)
+        hidden = self._text(
+            inputs_embeds=self._embed(tokens.view(batch, 1)),
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=False,
+            medmo_slots=DecodeSlots(self.cache, self._rows[:batch], lengths, span),
+        ).last_hidden_state
+        self._tokens[:batch] = self._lm_head(hidden[:, -1]).argmax(-1)
+
+    # --- slots ---
+
+    def move(self, source: int, target: int) -> None:
+        """Give slot `target` the request held in slot `source` (which becomes free)."""
+        length = self.lengths[source]
+        self.cache.move(source, target, length)
+        for buffer in (self._tokens, self._lengths, self._deltas):
+            buffer[target] = buffer[source]
+        self.lengths[target] = length
+        self.release(source)
+
+    def release(self, slot: int) -> None:
+        """Mark a slot free. Its cache rows are left as they are: the next prefill into it overwrites them."""
+        self._lengths[slot] = 0
+        self.lengths[slot] = 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "slots": self.slots,
+            "context": self.context,
+            "kv_cache_gib": round(2 * self.cache.keys.numel() * self.cache.keys.element_size() / GIB, 3),
+            "decode_graphs": self.graph_note,
+        }
+
+
+def fit_slots(
+    text_config: Any, dtype: torch.dtype, device: torch.device, context: int, fraction: float
+) -> int:
+    """How many slots of `context` tokens fit in what `fraction` of the device's memory leaves free now.
+
+    Called after the weights are loaded. Room is kept for the activations of a prefill and for graphs.
+    """
+    if device.type != "cuda":
+        return 8
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = 4 * GIB
+    budget = free - (1 - fraction) * total - reserve
+    per_slot = SlotCache.bytes_per_token(text_config, dtype) * context
+    return max(0, min(BATCH_BUCKETS[-1], math.floor(budget / per_slot)))

@@ -1,0 +1,196 @@
+"""The continuous engine on the real runtime and slot runner (float32, CPU), held to generate() alone.
+
+Arrivals are staggered so that requests really join a running batch and leave it early; the tests check
+that they did, from the runner's own log of prefills and decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from app.engine.continuous import ContinuousEngine
+from app.engine.protocol import (
+    Completed,
+    ContextTooLongError,
+    DeadlineExceededError,
+    NotAcceptingError,
+    complete,
+)
+from app.engine.request import GenerationOptions, PreparedRequest
+from app.engine.runtime import ModelRuntime
+from app.engine.slots import SlotRunner
+from app.metrics import Metrics
+from app.settings import Settings
+from tests.conftest import README_GROUNDING_REPLY, rgb_image
+from tests.instrumented import InstrumentedRunner
+
+PROMPTS = [
+    "Is there a pleural effusion?",
+    "Generate a detailed radiology report based on the given medical image.",
+    "Detect any visible diseases or abnormalities in this image.",
+    "What is the modality?",
+    "Describe the heart size.",
+    "Any fracture?",
+    "Is the tube in a good position?",
+]
+SIZES = [(96, 64), (200, 120), (64, 160), (320, 320), (128, 128), (300, 90), (80, 240)]
+LIMITS = [30, 6, 50, 1, 20, 4, 40]
+
+
+@pytest.fixture(scope="module")
+def runtime(random_checkpoint: Path) -> ModelRuntime:
+    return ModelRuntime.load(Settings(model=str(random_checkpoint)))
+
+
+def prepare(runtime: ModelRuntime, index: int, max_new_tokens: int) -> PreparedRequest:
+    width, height = SIZES[index % len(SIZES)]
+    picture = rgb_image(width, height, seed=index)
+    return runtime.prepare(picture, PROMPTS[index % len(PROMPTS)], GenerationOptions(max_new_tokens))
+
+
+@asynccontextmanager
+async def running(
+    runtime: ModelRuntime, *, slots: int = 3, context: int = 2048, budget: int = 8192
+) -> AsyncIterator[tuple[ContinuousEngine, InstrumentedRunner]]:
+    runner = InstrumentedRunner(SlotRunner(runtime.model, slots=slots, context=context, graphs=False))
+    engine = ContinuousEngine(runner, runtime, max_queue=64, prefill_token_budget=budget, metrics=Metrics())
+    await engine.start()
+    try:
+        yield engine, runner
+    finally:
+        await engine.stop()
+
+
+async def run(engine: ContinuousEngine, request: PreparedRequest, timeout_s: float = 120) -> Completed:
+    with engine.admit() as admission:
+        return await complete(engine, admission, request, deadline_s=time.monotonic() + timeout_s)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.001)
+
+
+async def test_tokens_equal_generate_alone_while_requests_join_and_leave(runtime: ModelRuntime) -> None:
+    requests = [prepare(runtime, index, limit) for index, limit in enumerate(LIMITS)]
+    alone = [runtime.generate([request])[0] for request in requests]
+    async with running(runtime, slots=3) as (engine, runner):
+        tasks = []
+        for request in requests:
+            tasks.append(asyncio.create_task(run(engine, request)))
+            steps = len(runner.decodes)
+            await wait_until(lambda steps=steps: len(runner.decodes) >= steps + 3 or engine.in_flight == 0)
+        results = await asyncio.gather(*tasks)
+    assert [r.generation for r in results] == alone
+    assert [len(r.generation.token_ids) for r in results] == LIMITS  # the random weights never stop early
+    # Requests joined while others were decoding (a prefill into a slot above 0) ...
+    assert any(min(slots) > 0 for slots in runner.prefill_slots)
+    # ... and left while others went on (fewer rows than the step before, but not none).
+    assert any(0 < now < before for before, now in zip(runner.decodes, runner.decodes[1:], strict=False))
+    # ... and some waited for a slot: more requests than slots were in flight.
+    assert max(len(slots) + min(slots) for slots in runner.prefill_slots) == 3
+
+
+async def test_an_end_of_turn_token_ends_the_request_as_generate_does(
+    reply_checkpoint: Callable[[str], Path],
+) -> None:
+    runtime = ModelRuntime.load(Settings(model=str(reply_checkpoint(README_GROUNDING_REPLY))))
+    requests = [prepare(runtime, index, 16) for index in range(3)]
+    async with running(runtime) as (engine, _):
+        results = await asyncio.gather(*(run(engine, request) for request in requests))
+    for result, request in zip(results, requests, strict=True):
+        assert result.generation == runtime.generate([request])[0]
+        assert result.generation.text == README_GROUNDING_REPLY
+        assert result.generation.finish_reason == "stop"
+        assert result.generation.completion_tokens == 2  # the reply, then the end of the turn
+
+
+async def test_short_work_is_not_held_by_long_work(runtime: ModelRuntime) -> None:
+    report = prepare(runtime, 1, 1000)
+    short = prepare(runtime, 0, 8)
+    short_alone = runtime.generate([short])[0]
+    async with running(runtime, slots=2) as (engine, runner):
+        long_work = asyncio.create_task(run(engine, report))
+        await wait_until(lambda: len(runner.decodes) >= 20)
+        answered = await run(engine, short)
+        # The report decodes in every step, so the steps so far are its tokens so far: the clock here.
+        report_tokens_when_answered = 1 + len(runner.decodes)
+        finished = await long_work
+    assert answered.generation == short_alone
+    assert finished.generation.completion_tokens == 1000
+    assert report_tokens_when_answered < 1000 / 4
+    assert answered.inference_s < finished.inference_s / 4
+
+
+async def test_a_stream_closed_mid_decoding_frees_its_slot_at_the_next_step(runtime: ModelRuntime) -> None:
+    async with running(runtime) as (engine, runner):
+        with engine.admit() as admission:
+            async with aclosing(
+                engine.stream(admission, prepare(runtime, 1, 1500), deadline_s=time.monotonic() + 300)
+            ) as events:
+                seen = 0
+                async for _ in events:
+                    seen += 1
+                    if seen == 10:
+                        break
+            steps_at_close = len(runner.decodes)
+        await wait_until(lambda: engine.running == 0)
+        assert len(runner.decodes) - steps_at_close <= 2
+        assert len(runner.decodes) < 100  # nowhere near the 1500 tokens it asked for
+        assert runner.inner.lengths == [0, 0, 0]
+        assert (await run(engine, prepare(runtime, 3, 5))).generation.completion_tokens == 5
+
+
+async def test_a_deadline_passing_mid_decoding_frees_the_slot(runtime: ModelRuntime) -> None:
+    async with running(runtime) as (engine, runner):
+        with engine.admit() as admission, pytest.raises(DeadlineExceededError):
+            await complete(engine, admission, prepare(runtime, 1, 1900), deadline_s=time.monotonic() + 0.5)
+        await wait_until(lambda: engine.running == 0)
+        steps = len(runner.decodes)
+        await asyncio.sleep(0.1)
+        assert len(runner.decodes) == steps  # nothing is decoding any more
+
+
+async def test_a_burst_of_prompts_is_spread_over_steps_by_the_token_budget(runtime: ModelRuntime) -> None:
+    requests = [prepare(runtime, index, 6) for index in range(3)]
+    budget = max(r.prompt_tokens for r in requests)  # one prompt per step
+    async with running(runtime, budget=budget) as (engine, runner):
+        runner.gate.clear()
+        tasks = [asyncio.create_task(run(engine, request)) for request in requests]
+        await wait_until(lambda: engine.waiting == 3 or runner.inside.is_set())
+        await asyncio.sleep(0.1)
+        runner.gate.set()
+        await asyncio.gather(*tasks)
+    assert [len(group) for group in runner.prefills] == [1, 1, 1]
+    assert runner.decodes[:2] == [1, 2]  # decoding went on between the prefills
+
+
+async def test_a_request_longer_than_the_context_is_refused_before_it_queues(runtime: ModelRuntime) -> None:
+    async with running(runtime, context=256) as (engine, runner):
+        request = prepare(runtime, 0, 256)
+        with pytest.raises(ContextTooLongError, match="256-token context"):
+            await run(engine, request)
+        assert engine.in_flight == 0
+    assert runner.prefills == []
+
+
+async def test_stopping_fails_what_is_running_and_waiting(runtime: ModelRuntime) -> None:
+    async with running(runtime, slots=1) as (engine, runner):
+        runner.gate.clear()
+        tasks = [asyncio.create_task(run(engine, prepare(runtime, i, 50))) for i in range(2)]
+        await asyncio.to_thread(runner.inside.wait, 10)
+        await wait_until(lambda: engine.waiting == 1)
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0.05)
+        runner.gate.set()
+        await stopping
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(outcome, NotAcceptingError) for outcome in outcomes)
