@@ -1,10 +1,10 @@
-"""Load generator: concurrent clients against MedMO Serve, batched and unbatched in one invocation.
+"""Load generator: concurrent clients against the generate engine, batched and unbatched in one invocation.
 
     python -m bench.load --model CHECKPOINT --clients 16 --duration 20     # CPU, a tiny checkpoint
     python -m bench.load --shape 8b --clients 32 --duration 30              # GPU, MedMO-8B's shape
     python -m bench.load --url http://127.0.0.1:8000 --clients 16           # one run, a running server
 
-For each batch size in --batch-sizes it starts a server with MEDMO_MAX_BATCH_SIZE set to it, offers the
+For each batch size in --batch-sizes it starts a server (MEDMO_ENGINE=generate) with MEDMO_MAX_BATCH_SIZE set to it, offers the
 same load (clients each sending one request after another, a mix of tasks, for --duration seconds), and
 reads the server's own metrics for the mean batch size. It prints one table and the throughput ratio of
 the first batch size to the last, both measured in this run on this machine.
@@ -187,6 +187,7 @@ def main() -> None:
         command = [sys.executable, "-m", "bench.server", "--shape", args.shape] if args.shape else None
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             env = {
+                "MEDMO_ENGINE": "generate",
                 "MEDMO_MAX_BATCH_SIZE": str(batch_size),
                 "MEDMO_MAX_WAIT_MS": str(args.max_wait_ms),
                 "MEDMO_MAX_QUEUE": str(max(256, 4 * args.clients)),
