@@ -11,8 +11,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.engine.continuous import ContinuousEngine
 from app.engine.protocol import (
@@ -194,3 +197,30 @@ async def test_stopping_fails_what_is_running_and_waiting(runtime: ModelRuntime)
         await stopping
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(outcome, NotAcceptingError) for outcome in outcomes)
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that wait for the device (a value read back, a shape that depends on data) or bring a new tensor from
+# the host:
+# inside a CUDA graph capture each of them fails or is frozen into the graph.
+HOST_BOUND = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "lift_fresh"}
+
+
+def test_the_decode_step_never_waits_for_the_device_so_graphs_can_capture_it(runtime: ModelRuntime) -> None:
+    runner = SlotRunner(runtime.model, slots=4, context=1024, graphs=False)
+    with torch.inference_mode():
+        runner.prefill([(slot, prepare(runtime, slot, 8)) for slot in range(3)])
+        log = OpLog()
+        with log:
+            runner._step(4, 512)
+    assert "scaled_dot_product_attention" in " ".join(log.ops)  # the step really ran the model
+    assert not HOST_BOUND & set(log.ops), sorted(HOST_BOUND & set(log.ops))
