@@ -1,53 +1,16 @@
-"""`medmo-serve`: validate the configuration, then serve the app with uvicorn.
-
-SIGTERM (what orchestrators send) drains: /readyz and new requests answer 503 while accepted requests
-finish, for up to MEDMO_SHUTDOWN_GRACE_S; then the server exits. A second signal, or Ctrl-C, exits at once
-after the requests in progress.
-"""
+"""`medmo-serve`: validate the configuration, then serve the app (`server.py`: uvicorn, probes, drain)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
-from types import FrameType
 
-import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 
 from app.logs import configure_logging
-from app.main import create_app, drain
+from app.main import create_app
+from app.server import run_server
 from app.settings import Settings, describe_validation_error
-
-STARTUP_FAILURE = 3
-
-
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
-        super().__init__(config)
-        self.app = app
-        self.grace_s = grace_s
-        self.draining: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)  # type: ignore[arg-type]
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.started and self.draining is None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._begin_drain)
-            return
-        super().handle_exit(sig, frame)
-
-    def _begin_drain(self) -> None:
-        self.draining = asyncio.ensure_future(self._drain_then_exit())
-
-    async def _drain_then_exit(self) -> None:
-        await drain(self.app, self.grace_s)
-        self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,22 +35,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"medmo-serve: {exc}", file=sys.stderr)
         sys.exit(2)
     run_server(app, settings)
-
-
-def run_server(app: FastAPI, settings: Settings) -> None:
-    """Serve `app` with uvicorn until SIGTERM has drained it (or a second signal); exit 3 if it never started."""
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-        timeout_keep_alive=15,
-        limit_concurrency=settings.max_connections,
-    )
-    server = DrainingServer(config, app, settings.shutdown_grace_s)
-    server.run()
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)

@@ -57,10 +57,19 @@ def create_app(
     app.state.engine_factory = engine_factory
     install_error_handlers(app)
     app.include_router(tasks.router)
+    app.include_router(ops.probes)
     app.include_router(ops.router)
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
     app.add_middleware(StartupFailureReporter, service=service)
     return app
+
+
+def create_probe_app(app: FastAPI) -> FastAPI:
+    """/healthz and /readyz alone, about `app`'s service: for a probe port of their own."""
+    probe_app = FastAPI(title="MedMO Serve probes", openapi_url=None, docs_url=None, redoc_url=None)
+    probe_app.state.service = app.state.service
+    probe_app.include_router(ops.probes)
+    return probe_app
 
 
 @asynccontextmanager

@@ -13,7 +13,13 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.queue_depth = Gauge(
             "medmo_queue_depth",
-            "Requests admitted and not yet running (being read, decoded or waiting for a batch).",
+            "Requests waiting for the model: their upload has arrived, they are being decoded and prepared or "
+            "wait for the engine to start on them.",
+            registry=self.registry,
+        )
+        self.uploads_in_progress = Gauge(
+            "medmo_uploads_in_progress",
+            "Requests whose body is still arriving (they hold no place in the queue).",
             registry=self.registry,
         )
         self.batch_size = Histogram(

@@ -138,11 +138,29 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(
         60.0, gt=0, description="Time allowed to receive a request's body; slower uploads get 408."
     )
+    min_upload_bytes_per_s: int = Field(
+        16_384,
+        ge=1,
+        description="After its first 5 s, an upload slower than this on average gets 408 (a stalled client "
+        "is cut off without waiting for the upload timeout).",
+    )
+    max_uploads: int = Field(
+        64, ge=1, description="Uploads received at once; more get 429. Counted apart from MEDMO_MAX_QUEUE."
+    )
     max_connections: int = Field(
         1024, ge=1, description="Open connections uvicorn accepts before answering 503 itself."
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time allowed for a request's head to arrive; slower connections are closed."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port.")
+    probe_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="A port of their own for /healthz and /readyz, answering when the main port is full.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("device")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-from app.cli import run_server
 from app.engine.runtime import ModelRuntime, Placement
 from app.logs import configure_logging
 from app.main import create_app
+from app.server import run_server
 from app.settings import Settings
 from app.tiny_checkpoint import SHAPES, build_config, build_model, build_processor, build_tokenizer
 

@@ -2,8 +2,10 @@
 
 Used by the images' HEALTHCHECK and by docker/compose.yaml. Written in Python because the PyTorch
 base images have no curl or wget. The URL is the first argument, else /readyz on 127.0.0.1 and
-MEDMO_PORT (8000 by default). /readyz is open (no API key), and is 200 only once the model is loaded
-and requests are taken; 503 while loading, draining on SIGTERM, or after the inference worker died.
+MEDMO_PROBE_PORT (the images set 8001: probes are answered there even when the public port is full),
+or MEDMO_PORT (8000) when no probe port is set. /readyz is open (no API key), and is 200 only once the
+model is loaded and requests are taken; 503 while loading, draining on SIGTERM, or after the inference
+worker died.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ TIMEOUT_S = 4.0
 
 
 def default_url() -> str:
-    return f"http://127.0.0.1:{os.environ.get('MEDMO_PORT', '8000')}/readyz"
+    port = os.environ.get("MEDMO_PROBE_PORT") or os.environ.get("MEDMO_PORT", "8000")
+    return f"http://127.0.0.1:{port}/readyz"
 
 
 def main(argv: list[str]) -> int:

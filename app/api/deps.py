@@ -9,6 +9,7 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.api.keys import ApiKeys
+from app.api.uploads import UploadSlots
 from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
 from app.engine.runtime import Runtime
@@ -26,6 +27,10 @@ class Service:
     engine: Engine | None = None
     prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
+    uploads: UploadSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.uploads = UploadSlots(self.settings.max_uploads, self.metrics)
 
     def max_new_tokens(self, task: TaskName) -> int:
         """The server's limit for a task; a request may ask for fewer tokens, never more."""

@@ -12,9 +12,11 @@ from app.engine.protocol import EngineState
 from app.schemas import EngineInfo, ErrorResponse, Health, Info, Limits
 
 router = APIRouter(tags=["operations"])
+# Liveness and readiness, also served alone on MEDMO_PROBE_PORT.
+probes = APIRouter(tags=["operations"])
 
 
-@router.get(
+@probes.get(
     "/healthz",
     operation_id="healthz",
     response_model=Health,
@@ -28,7 +30,7 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse(Health(status="ok").model_dump())
 
 
-@router.get(
+@probes.get(
     "/readyz",
     operation_id="readyz",
     response_model=Health,

@@ -1,7 +1,10 @@
-"""The path every task request takes: admit, read, decode, prepare, then the engine.
+"""The path every task request takes: a first check of capacity, the upload, a place in the queue, decoding
+and preparing, then the engine.
 
-Admission comes first so that an overloaded server refuses a request before reading or decoding its
-upload. Decoding and preparing run in worker threads, overlapping with the model's work on other requests.
+An overloaded server refuses a request before reading or decoding its upload. A request takes its place in
+the queue only once its body has arrived: a client that stalls mid-upload holds an upload slot (bounded in
+number and in rate, `uploads.py`), never a place that a ready request could use. Decoding and preparing
+run in worker threads, overlapping with the model's work on other requests.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from fastapi import Request
 from app.api.deps import get_running
 from app.api.errors import ApiError
 from app.api.middleware import request_record
-from app.api.uploads import FieldsT, read_task_upload
+from app.api.uploads import FieldsT, UploadLimits, read_task_upload
 from app.engine.protocol import DeadlineExceededError, complete
 from app.engine.request import Generation
 from app.imaging import DecodedImage, DicomSource, ImageLimits, decode_image
 from app.schemas import DicomInfo, ImageSize, TaskName, Timing, Usage, WindowInfo
+from app.settings import Settings
 
 T = TypeVar("T")
 
@@ -80,7 +84,6 @@ async def run_task(
     settings = service.settings
     loop = asyncio.get_running_loop()
     record = request_record(request)
-    record.task = task
     budget = settings.request_timeout_s if timeout_s is None else min(timeout_s, settings.request_timeout_s)
     deadline = started + budget
     limits = ImageLimits(
@@ -88,16 +91,15 @@ async def run_task(
         max_pixels=settings.max_image_pixels,
         max_frames=settings.max_dicom_frames,
     )
-    with engine.admit() as admission:
-        try:
-            async with asyncio.timeout(budget):
-                upload = await read_within(
-                    settings.upload_timeout_s,
-                    read_task_upload(request, fields_model, max_image_bytes=settings.max_upload_bytes),
-                )
+    engine.check_admission()
+    try:
+        async with asyncio.timeout(budget):
+            with service.uploads.take():
+                upload = await read_task_upload(request, fields_model, upload_limits(settings))
+            fields = upload.fields
+            options = service.options(task, fields.max_new_tokens)
+            with engine.admit() as admission:
                 # CPU work, in a small pool of its own: it overlaps with the model's work.
-                fields = upload.fields
-                options = service.options(task, fields.max_new_tokens)
                 image = await loop.run_in_executor(
                     running.prepare_pool,
                     partial(decode_image, upload.image, limits, frame=fields.frame, window=fields.window),
@@ -119,9 +121,9 @@ async def run_task(
                 completed = await cancel_on_disconnect(
                     request, complete(engine, admission, prepared, deadline_s=deadline)
                 )
-        except TimeoutError:
-            service.metrics.rejections.labels(reason="deadline").inc()
-            raise DeadlineExceededError() from None
+    except TimeoutError:
+        service.metrics.rejections.labels(reason="deadline").inc()
+        raise DeadlineExceededError() from None
     record.queue_ms = round(completed.queue_s * 1000, 3)
     record.batch_size = completed.batch_size
     service.metrics.generated_tokens.labels(task=task).inc(completed.generation.completion_tokens)
@@ -139,13 +141,12 @@ async def run_task(
     )
 
 
-async def read_within(timeout_s: float, reading: Awaitable[T]) -> T:
-    """A body that has not arrived in time is a 408: a slow or stalled upload must not hold its place."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await reading
-    except TimeoutError:
-        raise ApiError(408, "upload_timeout", f"the body did not arrive within {timeout_s:g} s") from None
+def upload_limits(settings: Settings) -> UploadLimits:
+    return UploadLimits(
+        max_image_bytes=settings.max_upload_bytes,
+        timeout_s=settings.upload_timeout_s,
+        min_bytes_per_s=settings.min_upload_bytes_per_s,
+    )
 
 
 def dicom_info(source: DicomSource | None) -> DicomInfo | None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from app.api.auth import require_api_key
 from app.api.deps import get_service
+from app.api.middleware import request_record
 from app.api.negotiation import DICOM, wants_dicom
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
 from app.api.pipeline import TaskRun, in_prepare_pool, run_task
@@ -29,7 +30,13 @@ from app.tasks.vqa import parse_answer, vqa_prompt
 
 TASK_FIELDS = (VqaFields, ReportFields, GroundFields)
 
-router = APIRouter(tags=["tasks"], dependencies=[Depends(require_api_key)])
+
+def count_as_task(request: Request) -> None:
+    """Name the task on the request's record first, so that refusals (401, 406, ...) count per task too."""
+    request_record(request).task = request.scope["route"].path.strip("/")
+
+
+router = APIRouter(tags=["tasks"], dependencies=[Depends(count_as_task), Depends(require_api_key)])
 
 RequestTimeout = Annotated[
     float | None,

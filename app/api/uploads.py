@@ -2,18 +2,27 @@
 raw DICOM file (application/dicom) with the fields in the query string, as a PACS sends it.
 
 The body is read in chunks and refused with 413 as soon as it passes its limit (and before reading at all
-when Content-Length already says so). Multipart uploads are parsed in memory: patient images written to
-temporary files could outlive a crash.
+when Content-Length already says so), and with 408 when it arrives too slowly: after a short grace, on
+average slower than a minimum rate, or not whole within the upload timeout. Uploads in progress are
+bounded in number of their own, apart from the queue for the model: a client that stalls mid-body holds
+an upload slot, never a place in the queue. Multipart uploads are parsed in memory: patient images
+written to temporary files could outlive a crash.
+
+JSON and multipart are equally strict: a field given twice is refused, and JSON values must have the
+field's own type (`"frame": true` is not frame 1).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import AsyncGenerator, Mapping
+import time
+from collections.abc import AsyncGenerator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -21,6 +30,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from app.api.errors import ApiError, describe_validation_errors
+from app.metrics import Metrics
 from app.schemas import TaskFields
 
 FieldsT = TypeVar("FieldsT", bound=TaskFields)
@@ -29,6 +39,42 @@ FieldsT = TypeVar("FieldsT", bound=TaskFields)
 FIELDS_ALLOWANCE_BYTES = 256 * 1024
 IMAGE_FIELD = "image"
 DICOM_MEDIA_TYPE = "application/dicom"
+# The first seconds of an upload are not held to the minimum rate: connections start slowly.
+RATE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_image_bytes: int
+    timeout_s: float  # the whole body
+    min_bytes_per_s: int  # on average, once the grace has passed
+
+
+class UploadSlots:
+    """A bound on uploads in progress, counted apart from the queue for the model."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.in_progress = 0
+        self._metrics = metrics
+
+    @contextmanager
+    def take(self) -> Iterator[None]:
+        if self.in_progress >= self.limit:
+            self._metrics.rejections.labels(reason="uploads_full").inc()
+            raise ApiError(
+                429,
+                "overloaded",
+                "too many uploads are in progress; retry later",
+                headers={"Retry-After": "1"},
+            )
+        self.in_progress += 1
+        self._metrics.uploads_in_progress.set(self.in_progress)
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
+            self._metrics.uploads_in_progress.set(self.in_progress)
 
 
 @dataclass(frozen=True)
@@ -43,17 +89,17 @@ def body_limit(max_image_bytes: int) -> int:
 
 
 async def read_task_upload(
-    request: Request, fields_model: type[FieldsT], *, max_image_bytes: int
+    request: Request, fields_model: type[FieldsT], limits: UploadLimits
 ) -> TaskUpload[FieldsT]:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    limit = body_limit(max_image_bytes)
+    limit = body_limit(limits.max_image_bytes)
     _check_declared_length(request, limit)
     if media_type == "multipart/form-data":
-        return await _read_multipart(request, fields_model, limit)
+        return await _read_multipart(request, fields_model, _Body(request, limit, limits))
     if media_type == "application/json" or media_type.endswith("+json"):
-        return await _read_json(request, fields_model, limit)
+        return await _read_json(request, fields_model, _Body(request, limit, limits))
     if media_type == DICOM_MEDIA_TYPE:
-        return await _read_dicom(request, fields_model, max_image_bytes)
+        return await _read_dicom(request, fields_model, _Body(request, limits.max_image_bytes, limits))
     raise ApiError(
         415,
         "unsupported_media_type",
@@ -74,18 +120,57 @@ def _check_declared_length(request: Request, limit: int) -> None:
         )
 
 
-async def _bounded(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    received = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
+@dataclass(frozen=True)
+class _Body:
+    request: Request
+    max_bytes: int
+    limits: UploadLimits
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body's chunks, refused past `max_bytes` (413) or when they come too slowly (408)."""
+        began = time.monotonic()
+        received = 0
+        stream = self.request.stream().__aiter__()
+        while True:
+            # The next chunk is due before the average rate would fall under the minimum, and before the
+            # upload timeout: a stalled client is cut off, however little it has sent.
+            due = min(
+                began + RATE_GRACE_S + received / self.limits.min_bytes_per_s,
+                began + self.limits.timeout_s,
+            )
+            try:
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise self._too_slow(began) from None
+            except ClientDisconnect:
                 raise ApiError(
-                    413, "payload_too_large", f"the request body is larger than the limit of {limit} bytes"
+                    400, "client_disconnected", "the client closed the connection mid-upload"
+                ) from None
+            received += len(chunk)
+            if received > self.max_bytes:
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"the request body is larger than the limit of {self.max_bytes} bytes",
                 )
             yield chunk
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client closed the connection mid-upload") from None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    def _too_slow(self, began: float) -> ApiError:
+        if time.monotonic() - began >= self.limits.timeout_s:
+            return ApiError(
+                408, "upload_timeout", f"the body did not arrive within {self.limits.timeout_s:g} s"
+            )
+        return ApiError(
+            408,
+            "upload_too_slow",
+            f"the body arrived more slowly than {self.limits.min_bytes_per_s} bytes/s",
+        )
 
 
 class _InMemoryMultiPartParser(MultiPartParser):
@@ -93,10 +178,10 @@ class _InMemoryMultiPartParser(MultiPartParser):
     spool_max_size = 2**62
 
 
-async def _read_multipart(request: Request, fields_model: type[FieldsT], limit: int) -> TaskUpload[FieldsT]:
+async def _read_multipart(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
     _reject_query_fields(request)
     parser = _InMemoryMultiPartParser(
-        request.headers, _bounded(request, limit), max_files=1, max_fields=16, max_part_size=64 * 1024
+        request.headers, body.chunks(), max_files=1, max_fields=16, max_part_size=64 * 1024
     )
     try:
         form = await parser.parse()
@@ -124,19 +209,22 @@ async def _read_multipart(request: Request, fields_model: type[FieldsT], limit: 
     return TaskUpload(fields=fields, image=image)
 
 
-async def _read_json(request: Request, fields_model: type[FieldsT], limit: int) -> TaskUpload[FieldsT]:
+async def _read_json(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
     _reject_query_fields(request)
-    body = b"".join([chunk async for chunk in _bounded(request, limit)])
-    if not body.strip():
+    text = await body.read()
+    if not text.strip():
         raise ApiError(400, "bad_request", "the request body is empty")
     try:
-        document = json.loads(body)
+        document = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
     except (ValueError, RecursionError):
         raise ApiError(400, "bad_request", "the request body is not valid JSON") from None
+    except _RepeatedKeyError as exc:
+        raise ApiError(422, "invalid_request", f"{exc.key[:64]}: given more than once") from None
     if not isinstance(document, dict):
         raise ApiError(422, "invalid_request", "the request body must be a JSON object")
     encoded = document.pop(IMAGE_FIELD, None)
-    fields = _validate_fields(fields_model, document)
+    # JSON carries typed values: they must be of the field's type, not merely convertible to it.
+    fields = _validate_fields(fields_model, document, strict=True)
     if encoded is None:
         raise ApiError(422, "invalid_request", "image: Field required")
     if not isinstance(encoded, str):
@@ -144,17 +232,14 @@ async def _read_json(request: Request, fields_model: type[FieldsT], limit: int) 
     return TaskUpload(fields=fields, image=decode_base64_image(encoded))
 
 
-async def _read_dicom(
-    request: Request, fields_model: type[FieldsT], max_image_bytes: int
-) -> TaskUpload[FieldsT]:
+async def _read_dicom(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
     fields: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
         if name in fields:
             raise ApiError(422, "invalid_request", f"{name}: given more than once")
         fields[name] = value
     validated = _validate_fields(fields_model, fields)
-    body = b"".join([chunk async for chunk in _bounded(request, max_image_bytes)])
-    return TaskUpload(fields=validated, image=body)
+    return TaskUpload(fields=validated, image=await body.read())
 
 
 def _reject_query_fields(request: Request) -> None:
@@ -164,9 +249,26 @@ def _reject_query_fields(request: Request) -> None:
         )
 
 
-def _validate_fields(fields_model: type[FieldsT], values: Mapping[str, object]) -> FieldsT:
+class _RepeatedKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _RepeatedKeyError(key)
+        document[key] = value
+    return document
+
+
+def _validate_fields(
+    fields_model: type[FieldsT], values: Mapping[str, object], *, strict: bool = False
+) -> FieldsT:
     try:
-        return fields_model.model_validate(values)
+        return fields_model.model_validate(values, strict=strict)
     except ValidationError as exc:
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
 

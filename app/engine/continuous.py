@@ -168,6 +168,9 @@ class ContinuousEngine:
         await ready  # decode graphs are captured before the first request is taken
         self.gate.open()
 
+    def check_admission(self) -> None:
+        self.gate.check_admission()
+
     def admit(self) -> Admission:
         return self.gate.admit()
 

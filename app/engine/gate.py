@@ -40,6 +40,14 @@ class Gate:
 
     def admit(self) -> Admission:
         """Take a place or be refused at once, before any work is done on the request."""
+        self.check_admission()
+        self.admitted += 1
+        self._idle.clear()
+        self._metrics.queue_depth.set(self.admitted)
+        return Admission(self._release)
+
+    def check_admission(self) -> None:
+        """Refuse at once what `admit` would refuse now, without taking a place."""
         if self.state is not EngineState.READY:
             self._metrics.rejections.labels(reason=self.state.value).inc()
             if self.state is EngineState.DEAD:
@@ -48,10 +56,6 @@ class Gate:
         if self.admitted >= self.max_queue:
             self._metrics.rejections.labels(reason="queue_full").inc()
             raise QueueFullError(self.retry_after_s())
-        self.admitted += 1
-        self._idle.clear()
-        self._metrics.queue_depth.set(self.admitted)
-        return Admission(self._release)
 
     def check_open(self) -> None:
         """Raise if a request that already holds a place can no longer be served."""

@@ -64,6 +64,9 @@ class GenerateEngine:
     async def start(self) -> None:
         await self.batcher.start()
 
+    def check_admission(self) -> None:
+        self.batcher.gate.check_admission()
+
     def admit(self) -> Admission:
         return self.batcher.admit()
 

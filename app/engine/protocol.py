@@ -122,6 +122,10 @@ class Engine(Protocol):
         """Start serving; returns once requests are taken (READY), or raises if the engine cannot start."""
         ...
 
+    def check_admission(self) -> None:
+        """Refuse at once (QueueFullError, NotAcceptingError) what `admit` would refuse now."""
+        ...
+
     def admit(self) -> Admission:
         """Take a place or be refused at once (QueueFullError, NotAcceptingError), before any work is done."""
         ...

@@ -61,6 +61,20 @@ def test_the_401_has_the_error_shape_and_a_challenge(keyed_client: TestClient) -
     assert response.json()["error"]["code"] == "unauthorized"
 
 
+def test_refusals_before_the_task_runs_are_counted_per_task(keyed_client: TestClient) -> None:
+    def counted(status: int) -> float:
+        text = keyed_client.get("/metrics").text
+        line = f'medmo_requests_total{{status="{status}",task="report"}} '
+        return next((float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+    before_401, before_406 = counted(401), counted(406)
+    assert call(keyed_client, "/report") == 401
+    wrong_accept = {"Authorization": f"Bearer {KEY}", "Accept": "text/html"}
+    assert call(keyed_client, "/report", **wrong_accept) == 406
+    assert counted(401) == before_401 + 1
+    assert counted(406) == before_406 + 1
+
+
 def test_probes_and_metrics_stay_open_for_orchestrators(keyed_client: TestClient) -> None:
     assert keyed_client.get("/healthz").status_code == 200
     assert keyed_client.get("/readyz").status_code == 200

@@ -94,6 +94,23 @@ def test_invalid_json_fields(random_client: TestClient, body: Any, status: int) 
     check_error(random_client.post("/vqa", json=body), status)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"question": "a", "question": "b", "image": "%s"}', "question: given more than once"),
+        (b'{"question": "a", "frame": true, "image": "%s"}', "frame: Input should be a valid integer"),
+        (
+            b'{"question": "a", "max_new_tokens": "3", "image": "%s"}',
+            "max_new_tokens: Input should be a valid integer",
+        ),
+    ],
+)
+def test_json_is_as_strict_as_multipart(random_client: TestClient, body: bytes, message: str) -> None:
+    image = base64.b64encode(png_bytes())
+    response = random_client.post("/vqa", content=body % image, headers={"content-type": "application/json"})
+    assert check_error(response, 422, "invalid_request")["message"] == message
+
+
 def test_malformed_json(random_client: TestClient) -> None:
     check_error(
         random_client.post("/vqa", content=b'{"image": ', headers={"content-type": "application/json"}), 400

@@ -78,15 +78,18 @@ def test_medmo_builds_the_cuda_image_from_the_repository(compose: dict[str, Any]
     assert build["args"]["FLASH_ATTENTION"] == "${FLASH_ATTENTION:-false}"
 
 
-def test_medmo_healthcheck_asks_readyz_on_port_8000_and_allows_for_loading(compose: dict[str, Any]) -> None:
+def test_medmo_healthcheck_asks_readyz_on_the_probe_port_and_allows_for_loading(
+    compose: dict[str, Any],
+) -> None:
     medmo = compose["services"]["medmo"]
     check = medmo["healthcheck"]
     assert check["test"][0] == "CMD"
     urls = [urlsplit(part) for part in check["test"] if part.startswith("http")]
     assert len(urls) == 1
-    assert (urls[0].port, urls[0].path) == (8000, "/readyz")
+    assert (urls[0].port, urls[0].path) == (8001, "/readyz")
     assert seconds(check["start_period"]) >= 20 * 60
-    # The port the check asks is the one the server listens on and publishes.
+    # The port the check asks is the image's probe port; the public port is the one published.
+    assert image_env("cuda")["MEDMO_PROBE_PORT"] == "8001"
     assert image_env("cuda")["MEDMO_PORT"] == "8000"
     assert any(port.endswith(":8000") for port in medmo["ports"])
 

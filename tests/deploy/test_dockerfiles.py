@@ -158,11 +158,12 @@ def test_entrypoint_is_medmo_serve(flavour: str) -> None:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-def test_listens_on_all_interfaces_on_port_8000(flavour: str) -> None:
+def test_listens_on_all_interfaces_on_port_8000_with_probes_on_8001(flavour: str) -> None:
     env = env_values(flavour)
     assert env["MEDMO_HOST"] == "0.0.0.0"
     assert env["MEDMO_PORT"] == "8000"
-    assert [expose.arguments for expose in of_kind(flavour, "EXPOSE")] == ["8000"]
+    assert env["MEDMO_PROBE_PORT"] == "8001"
+    assert [expose.arguments for expose in of_kind(flavour, "EXPOSE")] == ["8000 8001"]
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -189,7 +190,7 @@ def test_healthcheck_waits_for_model_loading_and_asks_readyz(flavour: str) -> No
     assert seconds(flags["start-period"]) >= 20 * 60
     argv = exec_form(command.strip())
     assert argv[:2] == ["python", "/opt/medmo/healthcheck.py"]
-    # Without an argument the script asks /readyz on MEDMO_PORT: tests/deploy/test_scripts.py.
+    # Without an argument the script asks /readyz on MEDMO_PROBE_PORT: tests/deploy/test_scripts.py.
     assert all("/healthz" not in part for part in argv)
     copies = [copy.arguments for copy in of_kind(flavour, "COPY")]
     assert any(c.startswith("docker/healthcheck.py") and c.endswith("/opt/medmo/") for c in copies)

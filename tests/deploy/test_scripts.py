@@ -80,9 +80,19 @@ def test_healthy_only_on_200(probe: Probe, healthcheck: Callable[[list[str]], in
     assert healthcheck(["healthcheck", probe.url("/readyz")]) == 1
 
 
-def test_without_an_argument_it_asks_readyz_on_medmo_port(
+def test_without_an_argument_it_asks_readyz_on_the_probe_port(
     probe: Probe, healthcheck: Callable[[list[str]], int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("MEDMO_PORT", "1")  # not asked when a probe port is set
+    monkeypatch.setenv("MEDMO_PROBE_PORT", str(probe.port))
+    assert healthcheck(["healthcheck"]) == 0
+    assert probe.paths == ["/readyz"]
+
+
+def test_without_a_probe_port_it_asks_readyz_on_medmo_port(
+    probe: Probe, healthcheck: Callable[[list[str]], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDMO_PROBE_PORT", raising=False)
     monkeypatch.setenv("MEDMO_PORT", str(probe.port))
     assert healthcheck(["healthcheck"]) == 0
     assert probe.paths == ["/readyz"]
