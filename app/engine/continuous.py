@@ -49,6 +49,9 @@ from app.metrics import Metrics
 
 logger = logging.getLogger("medmo.engine")
 
+# While requests decode, new ones gather for up to this many prefills' time before they are started.
+PREFILL_GATHER_FACTOR = 2.0
+
 
 class Runner(Protocol):
     """The device work of the engine; `slots.SlotRunner` is the real one."""
@@ -139,6 +142,7 @@ class ContinuousEngine:
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []  # the request in slot i is _active[i]
         self._outbox = _Outbox()
+        self._prefill_s = 0.0  # moving average of a prefill's duration
 
     # --- the event loop's side ---
 
@@ -302,7 +306,7 @@ class ContinuousEngine:
             self._wake.clear()
             self._take_arrivals()
             self._drop_abandoned()
-            if self._waiting and len(self._active) < self._runner.slots:
+            if self._prefill_due():
                 self._prefill()
             if self._active:
                 self._decode()
@@ -312,6 +316,23 @@ class ContinuousEngine:
             self._flush()
         self._fail_everything(NotAcceptingError("the server is shutting down"))
         self._flush()
+
+    def _prefill_due(self) -> bool:
+        """Whether to start waiting requests now, or let them gather while the running ones decode.
+
+        A prefill stalls every running request for its duration, and much of an eager prefill's cost is
+        per call, not per request: starting each arrival at once would interleave a prefill with nearly
+        every decode step under steady load. So while others decode, waiting requests gather until they
+        could fill a quarter of the free slots, or the oldest has waited a few prefills' time; an idle
+        engine starts a request at once.
+        """
+        free = self._runner.slots - len(self._active)
+        if not self._waiting or free == 0:
+            return False
+        if not self._active or len(self._waiting) >= max(1, free // 4):
+            return True
+        waited = time.monotonic() - self._waiting[0].submitted_at
+        return waited >= PREFILL_GATHER_FACTOR * self._prefill_s
 
     def _take_arrivals(self) -> None:
         with self._lock:
@@ -351,7 +372,9 @@ class ContinuousEngine:
         self._active.extend(chosen)
         entries = [(first_slot + index, job) for index, job in enumerate(chosen)]
         self._prefill_isolating(entries)
-        self._metrics.prefill_seconds.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self._prefill_s = took if self._prefill_s == 0 else 0.8 * self._prefill_s + 0.2 * took
+        self._metrics.prefill_seconds.observe(took)
         done = []
         for slot, job in entries:
             if job.failure is None:

@@ -224,3 +224,18 @@ def test_the_decode_step_never_waits_for_the_device_so_graphs_can_capture_it(run
             runner._step(4, 512)
     assert "scaled_dot_product_attention" in " ".join(log.ops)  # the step really ran the model
     assert not HOST_BOUND & set(log.ops), sorted(HOST_BOUND & set(log.ops))
+
+
+async def test_arrivals_gather_into_one_prefill_while_others_decode(runtime: ModelRuntime) -> None:
+    async with running(runtime, slots=16) as (engine, runner):
+        long_work = asyncio.create_task(run(engine, prepare(runtime, 1, 400)))
+        await wait_until(lambda: len(runner.decodes) >= 5)
+        arrivals = []
+        for index in (2, 3, 4):  # a few milliseconds apart: well inside two prefills' time
+            arrivals.append(asyncio.create_task(run(engine, prepare(runtime, index, 5))))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*arrivals)
+        alone = await run(engine, prepare(runtime, 5, 5))  # a lone arrival is started too, if later
+        await long_work
+    assert [len(group) for group in runner.prefills] == [1, 3, 1]
+    assert alone.generation.completion_tokens == 5
