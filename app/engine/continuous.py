@@ -30,14 +30,13 @@ from typing import Protocol
 
 import torch
 
-from app.engine.gate import Gate
+from app.engine.gate import Gate, Gated
 from app.engine.protocol import (
     Admission,
     BatchFailedError,
     Completed,
     ContextTooLongError,
     DeadlineExceededError,
-    EngineState,
     NotAcceptingError,
     StreamEvent,
     TokenDelta,
@@ -112,7 +111,7 @@ class _Outbox:
         return bool(self.started or self.events or self.ended or self.refused)
 
 
-class ContinuousEngine:
+class ContinuousEngine(Gated):
     name = "continuous"
 
     def __init__(
@@ -147,14 +146,6 @@ class ContinuousEngine:
     # --- the event loop's side ---
 
     @property
-    def state(self) -> EngineState:
-        return self.gate.state
-
-    @property
-    def in_flight(self) -> int:
-        return self.gate.in_flight
-
-    @property
     def waiting(self) -> int:
         return len(self._inbox) + len(self._waiting)
 
@@ -171,12 +162,6 @@ class ContinuousEngine:
         self._thread.start()
         await ready  # decode graphs are captured before the first request is taken
         self.gate.open()
-
-    def check_admission(self) -> None:
-        self.gate.check_admission()
-
-    def admit(self) -> Admission:
-        return self.gate.admit()
 
     async def stream(
         self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
@@ -227,12 +212,6 @@ class ContinuousEngine:
                 f"new tokens were asked for: more than the {self._runner.context}-token context the engine "
                 "holds per request (ask for fewer tokens, a shorter text, or a smaller image)"
             )
-
-    def begin_drain(self) -> None:
-        self.gate.begin_drain()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        return await self.gate.wait_idle(timeout_s)
 
     async def stop(self) -> None:
         self.gate.close()

@@ -117,3 +117,29 @@ class Gate:
     def _update_idle(self) -> None:
         if self.admitted == 0 and self.running == 0:
             self._idle.set()
+
+
+class Gated:
+    """The lifecycle and admission half of an engine, answered by its gate."""
+
+    gate: Gate
+
+    @property
+    def state(self) -> EngineState:
+        return self.gate.state
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.in_flight
+
+    def check_admission(self) -> None:
+        self.gate.check_admission()
+
+    def admit(self) -> Admission:
+        return self.gate.admit()
+
+    def begin_drain(self) -> None:
+        self.gate.begin_drain()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.gate.wait_idle(timeout_s)

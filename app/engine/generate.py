@@ -12,7 +12,8 @@ from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from app.engine.batcher import Batcher
-from app.engine.protocol import Admission, Completed, EngineState, StreamEvent, TokenDelta
+from app.engine.gate import Gated
+from app.engine.protocol import Admission, Completed, StreamEvent, TokenDelta
 from app.engine.request import Generation, PreparedRequest
 from app.engine.runtime import is_fatal_error
 from app.metrics import Metrics
@@ -26,7 +27,7 @@ def _group(request: PreparedRequest) -> str:
     return request.options.group
 
 
-class GenerateEngine:
+class GenerateEngine(Gated):
     name = "generate"
 
     def __init__(
@@ -47,15 +48,8 @@ class GenerateEngine:
             metrics=metrics,
             is_fatal=is_fatal_error,
         )
+        self.gate = self.batcher.gate
         self._metrics = metrics
-
-    @property
-    def state(self) -> EngineState:
-        return self.batcher.state
-
-    @property
-    def in_flight(self) -> int:
-        return self.batcher.in_flight
 
     @property
     def waiting(self) -> int:
@@ -63,12 +57,6 @@ class GenerateEngine:
 
     async def start(self) -> None:
         await self.batcher.start()
-
-    def check_admission(self) -> None:
-        self.batcher.gate.check_admission()
-
-    def admit(self) -> Admission:
-        return self.batcher.admit()
 
     async def stream(
         self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
@@ -84,12 +72,6 @@ class GenerateEngine:
             inference_s=done.inference_s,
             batch_size=done.batch_size,
         )
-
-    def begin_drain(self) -> None:
-        self.batcher.begin_drain()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        return await self.batcher.wait_idle(timeout_s)
 
     async def stop(self) -> None:
         await self.batcher.stop()
