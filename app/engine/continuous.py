@@ -275,8 +275,8 @@ class ContinuousEngine(Gated):
                 self._fail_everything(
                     WorkerDiedError("the inference worker failed; the service must be restarted")
                 )
-                self._flush()
-                self._post(self._died, exc)
+                outbox, self._outbox = self._outbox, _Outbox()
+                self._post(self._died, exc, outbox)
 
     def _serve(self) -> None:
         while not self._stopping:
@@ -451,9 +451,14 @@ class ContinuousEngine(Gated):
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _died(self, exc: BaseException) -> None:
-        """On the event loop, once the scheduler thread has ended: nothing submitted from now on can run."""
+    def _died(self, exc: BaseException, outbox: _Outbox) -> None:
+        """On the event loop, once the scheduler thread has ended: nothing submitted from now on can run.
+
+        The engine is marked dead before its requests learn that they failed, so that whoever sees a 503
+        for them also sees the probes turned red.
+        """
         self.gate.die(exc)
+        self._deliver(outbox)
         with self._lock:
             stranded, self._inbox = list(self._inbox), deque()
         for job in stranded:
