@@ -227,12 +227,13 @@ def test_the_decode_step_never_waits_for_the_device_so_graphs_can_capture_it(run
 
 
 async def test_arrivals_gather_into_one_prefill_while_others_decode(runtime: ModelRuntime) -> None:
+    requests = [prepare(runtime, index, 5) for index in (2, 3, 4)]
     async with running(runtime, slots=16) as (engine, runner):
         long_work = asyncio.create_task(run(engine, prepare(runtime, 1, 400)))
         await wait_until(lambda: len(runner.decodes) >= 5)
         arrivals = []
-        for index in (2, 3, 4):  # a few milliseconds apart: well inside two prefills' time
-            arrivals.append(asyncio.create_task(run(engine, prepare(runtime, index, 5))))
+        for request in requests:  # a few milliseconds apart: well inside two prefills' time
+            arrivals.append(asyncio.create_task(run(engine, request)))
             await asyncio.sleep(0.005)
         await asyncio.gather(*arrivals)
         alone = await run(engine, prepare(runtime, 5, 5))  # a lone arrival is started too, if later
