@@ -56,6 +56,8 @@ def create_app(
         # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,
+        # No redirect from /vqa/ to /vqa: its Location would be built from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.service = service
     app.state.engine_factory = engine_factory
