@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,11 +15,16 @@ from app.schemas import EngineInfo, ErrorResponse, Health, Info, Limits
 
 router = APIRouter(tags=["operations"])
 
+# Probes never take a key, so that an orchestrator needs no secret: an empty list is OpenAPI's "no
+# security for this operation", declared rather than left out so that clients and linters need not guess.
+NO_KEY: dict[str, Any] = {"security": []}
+
 
 @router.get(
     "/healthz",
     operation_id="healthz",
     response_model=Health,
+    openapi_extra=NO_KEY,
     responses={503: {"model": Health, "description": "The inference worker has stopped: restart."}},
     summary="Liveness: the process is up and its inference worker has not died",
 )
@@ -32,6 +39,7 @@ async def healthz(request: Request) -> JSONResponse:
     "/readyz",
     operation_id="readyz",
     response_model=Health,
+    openapi_extra=NO_KEY,
     responses={503: {"model": Health, "description": "Loading, draining for shutdown, or stopped."}},
     summary="Readiness: the model is loaded and requests are being taken",
 )
