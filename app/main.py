@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import __version__
 from app.api import ops, tasks
 from app.api.deps import Service
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.keys import ApiKeys
 from app.api.middleware import RequestContextMiddleware
@@ -52,6 +53,11 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         task_fields=tasks.TASK_FIELDS,
+        # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
+        docs_url=None,
+        redoc_url=None,
+        # No redirect from /vqa/ to /vqa: its Location would be built from the client's Host header.
+        redirect_slashes=False,
     )
     app.state.service = service
     app.state.engine_factory = engine_factory
@@ -59,6 +65,7 @@ def create_app(
     app.include_router(tasks.router)
     app.include_router(ops.probes)
     app.include_router(ops.router)
+    install_docs(app)
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
     app.add_middleware(StartupFailureReporter, service=service)
     return app

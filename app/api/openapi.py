@@ -5,6 +5,12 @@ reading), so FastAPI cannot derive the request schemas; they are built here from
 that validate the requests, and registered as components so generated clients get named types. A raw
 DICOM body carries the fields as query parameters; a client asking for application/dicom gets a
 Structured Report back.
+
+Written for generated clients in more than one ecosystem: files are marked as raw bytes both the OpenAPI
+3.1 way (`contentMediaType`, what TypeScript generators key on) and the 3.0 way (`format: binary`, what
+openapi-python-client reads); a 200 lists its JSON body first and its DICOM alternative under its own
+media type, so a client that asks for JSON gets the JSON type; every operation declares its security
+and every tag is described.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.api.negotiation import DICOM
 from app.schemas import ErrorResponse, TaskFields
 
 _IMAGE_UPLOAD = {
     "type": "string",
     "format": "binary",
+    # Any of several formats, recognised from the bytes: so the generic binary type, as FastAPI writes
+    # for its own file uploads.
+    "contentMediaType": "application/octet-stream",
     "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
 }
-_BINARY = {"type": "string", "format": "binary"}
+_DICOM_FILE = {"type": "string", "format": "binary", "contentMediaType": DICOM}
 # A 32x32 grayscale PNG: the smallest image the model accepts, so examples are real requests.
 EXAMPLE_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNsYMAPmBhGFYwqGFUwQhUAAJe+AMD8WknZAAAAAElFTkSuQmCC"
 _IMAGE_BASE64 = {
@@ -89,15 +99,18 @@ def task_request_body(fields_model: type[TaskFields]) -> dict[str, Any]:
             "content": {
                 "multipart/form-data": {"schema": {"$ref": f"#/components/schemas/{upload}"}},
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{as_json}"}},
-                "application/dicom": {"schema": _BINARY},
+                DICOM: {"schema": _DICOM_FILE},
             },
         },
         "parameters": query,
+        # FastAPI writes the JSON body of the 200 from the route's response model; this adds the DICOM
+        # alternative after it. Each under its own media type: a client types the JSON path by asking
+        # for application/json (openapi-fetch: createClient<paths, "application/json">).
         "responses": {
             "200": {
-                "content": {"application/dicom": {"schema": _BINARY}},
-                "description": "JSON, or with Accept: application/dicom and a DICOM upload, a DICOM "
-                "Comprehensive Structured Report in the source's study.",
+                "content": {DICOM: {"schema": _DICOM_FILE}},
+                "description": "The task's JSON result. With Accept: application/dicom and a DICOM image, "
+                "a DICOM Comprehensive Structured Report in the source's study instead.",
             }
         },
     }
@@ -112,15 +125,40 @@ def task_body_schemas(fields_model: type[TaskFields]) -> dict[str, dict[str, Any
         schema["title"] = name
         schema["properties"] = {"image": image, **schema.get("properties", {})}
         schema["required"] = ["image", *schema.get("required", [])]
+        for field in schema["properties"].values():
+            # A field left out and a null mean the same to the server; a declared default makes
+            # openapi-typescript, which reads one as "always present", require the field of callers.
+            if "default" in field and field["default"] is None:
+                del field["default"]
         schemas[name] = schema
     return schemas
 
 
+# Relative to where the schema is served, so clients call the host they fetched it from, whatever name a
+# hospital's network gives the service. FastAPI puts a proxy's root path before it.
+SERVERS = [{"url": "/", "description": "The service that serves this schema"}]
+TAGS = [
+    {
+        "name": "tasks",
+        "description": "Inference on one image: a clinical question answered, a radiology report, "
+        "abnormalities or a named target boxed. The image comes as a multipart file, base64 in JSON, or "
+        "a raw DICOM body; the answer is JSON, or a DICOM Structured Report for a DICOM image when "
+        "Accept asks for application/dicom.",
+    },
+    {
+        "name": "operations",
+        "description": "Liveness and readiness probes (never a key), the model and limits in force, "
+        "and Prometheus metrics.",
+    },
+]
+LICENSE = {"name": "Apache-2.0", "identifier": "Apache-2.0"}
+
+
 class MedmoAPI(FastAPI):
-    """FastAPI with the task request bodies added to the generated schema."""
+    """FastAPI with the task request bodies, servers, tags and licence in the generated schema."""
 
     def __init__(self, *, task_fields: tuple[type[TaskFields], ...], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(servers=SERVERS, openapi_tags=TAGS, license_info=LICENSE, **kwargs)
         self.task_fields = task_fields
 
     def openapi(self) -> dict[str, Any]:
@@ -131,8 +169,10 @@ class MedmoAPI(FastAPI):
             version=self.version,
             openapi_version=self.openapi_version,
             description=self.description,
+            license_info=self.license_info,
             routes=self.routes,
             tags=self.openapi_tags,
+            servers=self.servers,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for fields_model in self.task_fields:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,11 +17,16 @@ router = APIRouter(tags=["operations"])
 # Liveness and readiness, also served alone on MEDMO_PROBE_PORT.
 probes = APIRouter(tags=["operations"])
 
+# Probes never take a key, so that an orchestrator needs no secret: an empty list is OpenAPI's "no
+# security for this operation", declared rather than left out so that clients and linters need not guess.
+NO_KEY: dict[str, Any] = {"security": []}
+
 
 @probes.get(
     "/healthz",
     operation_id="healthz",
     response_model=Health,
+    openapi_extra=NO_KEY,
     responses={503: {"model": Health, "description": "The inference worker has stopped: restart."}},
     summary="Liveness: the process is up and its inference worker has not died",
 )
@@ -34,6 +41,7 @@ async def healthz(request: Request) -> JSONResponse:
     "/readyz",
     operation_id="readyz",
     response_model=Health,
+    openapi_extra=NO_KEY,
     responses={503: {"model": Health, "description": "Loading, draining for shutdown, or stopped."}},
     summary="Readiness: the model is loaded and requests are being taken",
 )
