@@ -73,7 +73,9 @@ def create_app(
 
 def create_probe_app(app: FastAPI) -> FastAPI:
     """/healthz and /readyz alone, about `app`'s service: for a probe port of their own."""
-    probe_app = FastAPI(title="MedMO Serve probes", openapi_url=None, docs_url=None, redoc_url=None)
+    probe_app = FastAPI(
+        title="MedMO Serve probes", openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False
+    )
     probe_app.state.service = app.state.service
     probe_app.include_router(ops.probes)
     return probe_app
