@@ -182,7 +182,7 @@ async def offline_load(engine: Engine, pool: list[PreparedRequest], clients: int
             cursor += 1
             with engine.admit() as admission:
                 deadline = time.monotonic() + 3600
-                async with aclosing(engine.stream(admission, request, deadline_s=deadline)) as events:
+                async with aclosing(engine.submit(admission, request, deadline_s=deadline)) as events:
                     async for event in events:
                         if counting and isinstance(event, TokenDelta):
                             tokens += len(event.token_ids)

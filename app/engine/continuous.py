@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -163,46 +163,28 @@ class ContinuousEngine(Gated):
         await ready  # decode graphs are captured before the first request is taken
         self.gate.open()
 
-    async def stream(
+    def submit(
         self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
-    ) -> AsyncGenerator[StreamEvent, None]:
-        job: _Job | None = None
-        try:
-            self.gate.check_open()
-            self._check_fits(request)
-            job = _Job(
-                request=request,
-                place=admission,
-                deadline=deadline_s,
-                deltas=deltas,
-                submitted_at=time.monotonic(),
-            )
-            with self._lock:
-                self._inbox.append(job)
-            self._wake.set()
-            while True:
-                remaining = deadline_s - time.monotonic()
-                if remaining <= 0:
-                    raise DeadlineExceededError()
-                try:
-                    event = await asyncio.wait_for(job.mailbox.get(), remaining)
-                except TimeoutError:
-                    self._metrics.rejections.labels(reason="deadline").inc()
-                    raise DeadlineExceededError() from None
-                if isinstance(event, BaseException):
-                    if isinstance(event, DeadlineExceededError):
-                        self._metrics.rejections.labels(reason="deadline").inc()
-                    raise event
-                yield event
-                if isinstance(event, Completed):
-                    return
-        finally:
-            # However the stream ended early (deadline, a client gone, cancellation), the scheduler stops
-            # working on it at its next iteration, and its place in the queue is given back.
-            if job is not None:
-                job.abandoned = True
-                self._wake.set()
-            admission.release()
+    ) -> JobStream:
+        self.gate.check_open()
+        self._check_fits(request)
+        job = _Job(
+            request=request,
+            place=admission,
+            deadline=deadline_s,
+            deltas=deltas,
+            submitted_at=time.monotonic(),
+        )
+        with self._lock:
+            self._inbox.append(job)
+        self._wake.set()
+        return JobStream(self, job)
+
+    def abandon(self, job: _Job) -> None:
+        """The request's client is gone: the scheduler stops working on it at its next iteration."""
+        job.abandoned = True
+        job.place.release()
+        self._wake.set()
 
     def _check_fits(self, request: PreparedRequest) -> None:
         needed = request.prompt_tokens + request.options.max_new_tokens - 1
@@ -465,6 +447,44 @@ class ContinuousEngine(Gated):
             job.mailbox.put_nowait(
                 WorkerDiedError("the inference worker has stopped; the service must be restarted")
             )
+
+
+class JobStream:
+    """A submitted request's events, read from its mailbox on the event loop."""
+
+    def __init__(self, engine: ContinuousEngine, job: _Job) -> None:
+        self._engine = engine
+        self._job = job
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[StreamEvent]:
+        job, metrics = self._job, self._engine._metrics
+        try:
+            while True:
+                remaining = job.deadline - time.monotonic()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    event = await asyncio.wait_for(job.mailbox.get(), remaining)
+                except TimeoutError:
+                    event = DeadlineExceededError()
+                if isinstance(event, BaseException):
+                    if isinstance(event, DeadlineExceededError):
+                        metrics.rejections.labels(reason="deadline").inc()
+                    raise event
+                yield event
+                if isinstance(event, Completed):
+                    return
+        finally:
+            # However the stream ended early (deadline, a client gone, cancellation), the scheduler stops
+            # working on it at its next iteration, and its place in the queue is given back.
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._job.abandoned:
+            self._engine.abandon(self._job)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

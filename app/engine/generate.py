@@ -8,10 +8,11 @@ held to, token for token.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from app.engine.batcher import Batcher
+from app.engine.batcher import Batched, Batcher
 from app.engine.gate import Gated
 from app.engine.protocol import Admission, Completed, StreamEvent, TokenDelta
 from app.engine.request import Generation, PreparedRequest
@@ -58,20 +59,12 @@ class GenerateEngine(Gated):
     async def start(self) -> None:
         await self.batcher.start()
 
-    async def stream(
+    def submit(
         self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
-    ) -> AsyncGenerator[StreamEvent, None]:
-        done = await self.batcher.submit(admission, request, deadline_s=deadline_s)
-        generation = done.result
-        self._metrics.time_to_first_token.observe(done.queue_s + done.inference_s)
-        if deltas:  # all at once: whole-batch generation has nothing to show before the batch ends
-            yield TokenDelta(generation.token_ids)
-        yield Completed(
-            generation=generation,
-            queue_s=done.queue_s,
-            inference_s=done.inference_s,
-            batch_size=done.batch_size,
-        )
+    ) -> BatchStream:
+        self.gate.check_open()
+        waiting = asyncio.ensure_future(self.batcher.submit(admission, request, deadline_s=deadline_s))
+        return BatchStream(waiting, deltas, self._metrics)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -82,3 +75,37 @@ class GenerateEngine(Gated):
             "max_batch_size": self.batcher.max_batch_size,
             "max_wait_ms": self.batcher.max_wait_s * 1000,
         }
+
+
+class BatchStream:
+    """A request's result from its batch: all its tokens at once, then the result."""
+
+    def __init__(self, waiting: asyncio.Future[Batched[Generation]], deltas: bool, metrics: Metrics) -> None:
+        self._waiting = waiting
+        self._deltas = deltas
+        self._metrics = metrics
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[StreamEvent]:
+        try:
+            done = await self._waiting
+        finally:
+            await self.aclose()
+        generation = done.result
+        self._metrics.time_to_first_token.observe(done.queue_s + done.inference_s)
+        if self._deltas:  # all at once: whole-batch generation has nothing to show before the batch ends
+            yield TokenDelta(generation.token_ids)
+        yield Completed(
+            generation=generation,
+            queue_s=done.queue_s,
+            inference_s=done.inference_s,
+            batch_size=done.batch_size,
+        )
+
+    async def aclose(self) -> None:
+        # A request whose batch has not started is then never computed, and its place is given back.
+        if not self._waiting.done():
+            self._waiting.cancel()
+            await asyncio.gather(self._waiting, return_exceptions=True)

@@ -8,7 +8,7 @@ layer maps them to statuses once, whichever engine serves.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from enum import StrEnum
@@ -100,6 +100,14 @@ class Admission:
         self.release()
 
 
+class RequestStream(Protocol):
+    """One submitted request's events. Iterate it once; close it to abandon the request."""
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Engine(Protocol):
     """Turns prepared requests into tokens. The HTTP layer sees nothing else of the model's scheduling."""
 
@@ -130,13 +138,15 @@ class Engine(Protocol):
         """Take a place or be refused at once (QueueFullError, NotAcceptingError), before any work is done."""
         ...
 
-    def stream(
+    def submit(
         self, admission: Admission, request: PreparedRequest, *, deadline_s: float, deltas: bool = True
-    ) -> AsyncGenerator[StreamEvent, None]:
-        """The request's tokens as they are generated (unless `deltas` is false), then one Completed.
+    ) -> RequestStream:
+        """Hand an admitted request to the engine now (or refuse it: NotAcceptingError, ContextTooLongError).
 
-        Closing the stream early (a client that went away) stops its generation; past `deadline_s`
-        (time.monotonic()) it raises DeadlineExceededError. Use it inside `contextlib.aclosing`.
+        The stream owns the admission from here on. Its events are the request's tokens as they are
+        generated (unless `deltas` is false), then one Completed; past `deadline_s` (time.monotonic())
+        iterating raises DeadlineExceededError. Closing it early (a client that went away) stops the
+        request's generation.
         """
         ...
 
@@ -159,7 +169,7 @@ async def complete(
     engine: Engine, admission: Admission, request: PreparedRequest, *, deadline_s: float
 ) -> Completed:
     """Run a request to its end and return the final event: the non-streaming way to use an engine."""
-    async with aclosing(engine.stream(admission, request, deadline_s=deadline_s, deltas=False)) as events:
+    async with aclosing(engine.submit(admission, request, deadline_s=deadline_s, deltas=False)) as events:
         async for event in events:
             if isinstance(event, Completed):
                 return event

@@ -137,7 +137,7 @@ async def test_a_stream_closed_mid_decoding_frees_its_slot_at_the_next_step(runt
     async with running(runtime) as (engine, runner):
         with engine.admit() as admission:
             async with aclosing(
-                engine.stream(admission, prepare(runtime, 1, 1500), deadline_s=time.monotonic() + 300)
+                engine.submit(admission, prepare(runtime, 1, 1500), deadline_s=time.monotonic() + 300)
             ) as events:
                 seen = 0
                 async for _ in events:
