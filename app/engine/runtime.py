@@ -8,6 +8,7 @@ Batching is the caller's business, not this module's.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import threading
@@ -138,8 +139,11 @@ class ModelRuntime:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
-        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed").
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"): encoding
+        # changes their state. Decoding does not, so it has a copy of its own, free of the lock, for the
+        # event loop (streamed text) and the engines' threads.
         self._processor_lock = threading.Lock()
+        self._decoder = copy.deepcopy(tokenizer)
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRuntime:
@@ -206,31 +210,45 @@ class ModelRuntime:
 
     def messages(self, picture: Image.Image, prompt: str) -> list[dict[str, Any]]:
         """The conversation for one request: MedMO's quick-start shape, image first, then the text."""
+        return self.conversation([("user", [picture, prompt])])
+
+    def conversation(self, turns: Sequence[tuple[str, Sequence[Image.Image | str]]]) -> list[dict[str, Any]]:
+        """A chat conversation in transformers' format from (role, parts) turns, parts being pictures and
+        texts in order; MEDMO_SYSTEM_PROMPT goes first unless the turns bring a system message."""
         conversation: list[dict[str, Any]] = []
-        if self.system_prompt:
+        if self.system_prompt and not any(role == "system" for role, _ in turns):
             conversation.append({"role": "system", "content": self.system_prompt})
-        conversation.append(
-            {
-                "role": "user",
-                "content": [
-                    {
-                        "type": "image",
-                        "image": picture,
-                        "min_pixels": self.min_pixels,
-                        "max_pixels": self.max_pixels,
-                    },
-                    {"type": "text", "text": prompt},
-                ],
-            }
-        )
+        for role, parts in turns:
+            content: list[dict[str, Any]] = []
+            for part in parts:
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                else:
+                    content.append(
+                        {
+                            "type": "image",
+                            "image": part,
+                            "min_pixels": self.min_pixels,
+                            "max_pixels": self.max_pixels,
+                        }
+                    )
+            conversation.append({"role": role, "content": content})
         return conversation
 
     def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
         """Resize and tokenize one request. Safe to call from many threads while the model runs."""
-        conversation = self.messages(picture, prompt)
+        return self.prepare_conversation(self.messages(picture, prompt), options)
+
+    def prepare_conversation(
+        self, conversation: list[dict[str, Any]], options: GenerationOptions
+    ) -> PreparedRequest:
+        """Resize and tokenize a conversation holding exactly one image. Safe to call from many threads."""
+        images = [part for turn in conversation for part in turn["content"] if part["type"] == "image"]
+        if len(images) != 1:
+            raise ValueError(f"a request holds exactly one image, not {len(images)}")
         # qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only ever
         # handed a decoded PIL image: given a string it would open local paths and fetch URLs.
-        resized = fetch_image(conversation[-1]["content"][0], image_patch_size=self.patch_size)
+        resized = fetch_image(images[0], image_patch_size=self.patch_size)
         with self._processor_lock:
             text = self.processor.apply_chat_template(
                 conversation, tokenize=False, add_generation_prompt=True
@@ -252,6 +270,15 @@ class ModelRuntime:
             rope_positions=positions[:, 0],
             rope_delta=int(deltas.view(-1)[0]),
         )
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated tokens, as MedMO's quick start decodes them (special tokens skipped)."""
+        with self._processor_lock:
+            return str(
+                self.processor.decode(
+                    list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+            )
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
         """Run the requests as one generate() call; results come back in the same order.
@@ -295,7 +322,7 @@ class ModelRuntime:
             if token in self.eos_token_ids:
                 reason = "stop"
                 break
-        text = self.processor.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.decode(kept)
         return Generation(
             text=text, token_ids=tuple(kept), prompt_tokens=request.prompt_tokens, finish_reason=reason
         )
