@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -21,8 +22,8 @@ from app.api.middleware import request_record
 from app.api.uploads import FieldsT, read_task_upload
 from app.engine.protocol import DeadlineExceededError, complete
 from app.engine.request import Generation
-from app.imaging import DecodedImage, DicomSource, ImageLimits, decode_image
-from app.schemas import DicomInfo, ImageSize, TaskName, Timing, Usage, WindowInfo
+from app.imaging import Cancellation, DecodedImage, DicomSource, ImageLimits, decode_image
+from app.schemas import DicomInfo, ImageSize, TaskFields, TaskName, Timing, Usage, WindowInfo
 
 T = TypeVar("T")
 
@@ -98,10 +99,7 @@ async def run_task(
                 # CPU work, in a small pool of its own: it overlaps with the model's work.
                 fields = upload.fields
                 options = service.options(task, fields.max_new_tokens)
-                image = await loop.run_in_executor(
-                    running.prepare_pool,
-                    partial(decode_image, upload.image, limits, frame=fields.frame, window=fields.window),
-                )
+                image = await decode_upload(request, running.prepare_pool, upload.image, limits, fields)
                 record.image_width, record.image_height = image.width, image.height
                 record.image_format = image.source_format
                 record.modality = image.dicom.modality if image.dicom else None
@@ -146,6 +144,24 @@ async def read_within(timeout_s: float, reading: Awaitable[T]) -> T:
             return await reading
     except TimeoutError:
         raise ApiError(408, "upload_timeout", f"the body did not arrive within {timeout_s:g} s") from None
+
+
+async def decode_upload(
+    request: Request, pool: Executor, data: bytes, limits: ImageLimits, fields: TaskFields
+) -> DecodedImage:
+    """Decode in the preparation pool. If the request is abandoned meanwhile (its deadline passes, its
+    client goes), the decoder is told, and stops at its next step instead of finishing for nobody."""
+    cancellation = Cancellation()
+    decoding = asyncio.get_running_loop().run_in_executor(
+        pool,
+        partial(
+            decode_image, data, limits, frame=fields.frame, window=fields.window, cancellation=cancellation
+        ),
+    )
+    try:
+        return await cancel_on_disconnect(request, decoding)
+    finally:
+        cancellation.cancel()
 
 
 def dicom_info(source: DicomSource | None) -> DicomInfo | None:
