@@ -23,6 +23,7 @@ from app.api.uploads import FieldsT, read_task_upload
 from app.engine.protocol import DeadlineExceededError, complete
 from app.engine.request import Generation
 from app.imaging import Cancellation, DecodedImage, DicomSource, ImageLimits, decode_image
+from app.outputs.dicom_sr import check_report_source
 from app.schemas import DicomInfo, ImageSize, TaskFields, TaskName, Timing, Usage, WindowInfo
 
 T = TypeVar("T")
@@ -107,6 +108,8 @@ async def run_task(
                     raise ApiError(
                         406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image"
                     )
+                if dicom_source_required and image.dicom is not None:
+                    check_report_source(image.dicom)  # 422 before any inference, not a 500 after it
                 prepared = await loop.run_in_executor(
                     running.prepare_pool,
                     runtime.prepare,
