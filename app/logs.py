@@ -53,6 +53,8 @@ def configure_logging(level: str = "info") -> None:
     # Libraries that chat at INFO about downloads and weights.
     for noisy in ("httpx", "huggingface_hub", "transformers", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    # pydicom logs what it reads at DEBUG, and its warnings quote element values: patient data.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # pydicom logs what it reads at DEBUG, and its warnings quote element values: patient data. highdicom
+    # logs the source's UIDs at INFO while building a report, and a doubtful patient name at WARNING.
+    for reader in ("pydicom", "highdicom"):
+        logging.getLogger(reader).setLevel(logging.ERROR)
     warnings.showwarning = _log_warning_without_text

@@ -30,6 +30,7 @@ from app.imaging import (
     UnsupportedImageError,
     UnusableImageError,
 )
+from app.outputs.dicom_sr import ReportSourceError
 from app.schemas import ErrorResponse
 
 logger = logging.getLogger("medmo.api")
@@ -53,6 +54,7 @@ _STATUS_BY_TYPE: list[tuple[type[Exception], int, str]] = [
     (UnsupportedImageError, 415, "unsupported_image"),
     (UnusableImageError, 422, "unusable_image"),
     (ImageError, 400, "bad_image"),
+    (ReportSourceError, 422, "incomplete_report_source"),
     (ContextTooLongError, 422, "context_too_long"),
     (QueueFullError, 429, "overloaded"),
     (NotAcceptingError, 503, "unavailable"),

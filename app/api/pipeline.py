@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -24,8 +25,9 @@ from app.api.middleware import request_record
 from app.api.uploads import FieldsT, UploadLimits, read_task_upload
 from app.engine.protocol import DeadlineExceededError, complete
 from app.engine.request import Generation
-from app.imaging import DecodedImage, DicomSource, ImageLimits, decode_image
-from app.schemas import DicomInfo, ImageSize, TaskName, Timing, Usage, WindowInfo
+from app.imaging import Cancellation, DecodedImage, DicomSource, ImageLimits, decode_image
+from app.outputs.dicom_sr import check_report_source
+from app.schemas import DicomInfo, ImageSize, TaskFields, TaskName, Timing, Usage, WindowInfo
 from app.settings import Settings
 
 T = TypeVar("T")
@@ -100,10 +102,7 @@ async def run_task(
             options = service.options(task, fields.max_new_tokens)
             with engine.admit() as admission:
                 # CPU work, in a small pool of its own: it overlaps with the model's work.
-                image = await loop.run_in_executor(
-                    running.prepare_pool,
-                    partial(decode_image, upload.image, limits, frame=fields.frame, window=fields.window),
-                )
+                image = await decode_upload(request, running.prepare_pool, upload.image, limits, fields)
                 record.image_width, record.image_height = image.width, image.height
                 record.image_format = image.source_format
                 record.modality = image.dicom.modality if image.dicom else None
@@ -111,6 +110,8 @@ async def run_task(
                     raise ApiError(
                         406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image"
                     )
+                if dicom_source_required and image.dicom is not None:
+                    check_report_source(image.dicom)  # 422 before any inference, not a 500 after it
                 prepared = await loop.run_in_executor(
                     running.prepare_pool,
                     runtime.prepare,
@@ -147,6 +148,24 @@ def upload_limits(settings: Settings) -> UploadLimits:
         timeout_s=settings.upload_timeout_s,
         min_bytes_per_s=settings.min_upload_bytes_per_s,
     )
+
+
+async def decode_upload(
+    request: Request, pool: Executor, data: bytes, limits: ImageLimits, fields: TaskFields
+) -> DecodedImage:
+    """Decode in the preparation pool. If the request is abandoned meanwhile (its deadline passes, its
+    client goes), the decoder is told, and stops at its next step instead of finishing for nobody."""
+    cancellation = Cancellation()
+    decoding = asyncio.get_running_loop().run_in_executor(
+        pool,
+        partial(
+            decode_image, data, limits, frame=fields.frame, window=fields.window, cancellation=cancellation
+        ),
+    )
+    try:
+        return await cancel_on_disconnect(request, decoding)
+    finally:
+        cancellation.cancel()
 
 
 def dicom_info(source: DicomSource | None) -> DicomInfo | None:

@@ -5,20 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from PIL import Image
-from pydicom.dataset import Dataset
 
-from app.imaging.dicom import DicomSource, Window, decode_dicom, is_dicom, read_dataset
+from app.imaging.bounds import Cancellation
+from app.imaging.dicom import DicomSource, Window, decode_dicom
+from app.imaging.dicom_file import is_part10, looks_like_headerless_dataset, read_dicom
 from app.imaging.errors import (
+    DecodingCancelledError,
     ImageError,
     ImageTooLargeError,
     UnreadableImageError,
     UnsupportedImageError,
     UnusableImageError,
 )
+from app.imaging.limits import ImageLimits, check_usable
 from app.imaging.raster import decode_raster
 
 __all__ = [
+    "Cancellation",
     "DecodedImage",
+    "DecodingCancelledError",
     "DicomSource",
     "ImageError",
     "ImageLimits",
@@ -29,18 +34,6 @@ __all__ = [
     "Window",
     "decode_image",
 ]
-
-# Qwen3-VL sees 32x32-pixel tiles; a side shorter than one tile carries nothing the model can read.
-MIN_SIDE = 32
-# Qwen3-VL's resizing refuses aspect ratios beyond 200 (qwen-vl-utils' MAX_RATIO).
-MAX_ASPECT_RATIO = 200
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int
-    max_pixels: int
-    max_frames: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -59,52 +52,40 @@ class DecodedImage:
 
 
 def decode_image(
-    data: bytes, limits: ImageLimits, *, frame: int | None = None, window: str | None = None
+    data: bytes,
+    limits: ImageLimits,
+    *,
+    frame: int | None = None,
+    window: str | None = None,
+    cancellation: Cancellation | None = None,
 ) -> DecodedImage:
     """Decode an upload, whatever its format, or raise an ImageError saying what is wrong with it.
 
-    The format is recognised from the bytes: DICOM by its 'DICM' marker (or, failing every image
-    format, by parsing as a dataset without preamble), images by their signatures. `frame` and `window`
-    apply to DICOM only.
+    The format is recognised from the bytes: DICOM by its 'DICM' marker or, without the Part 10 header,
+    by the group its first element belongs to; images by their signatures. `frame` and `window` apply to
+    DICOM only. When `cancellation` is set (the request was abandoned) decoding stops at its next step
+    with DecodingCancelledError.
     """
+    cancellation = cancellation or Cancellation()
+    cancellation.check()  # abandoned while it waited for a preparation thread
     if not data:
         raise UnreadableImageError("the image is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"the image is {len(data)} bytes, more than the limit of {limits.max_bytes}")
-    if is_dicom(data):
-        return _decode_dicom(read_dataset(data, require_preamble=True), limits, frame, window)
-    try:
-        picture, source_format = decode_raster(data, max_pixels=limits.max_pixels)
-    except UnreadableImageError:
-        try:
-            dataset = read_dataset(data, require_preamble=False)
-        except UnreadableImageError:
-            raise UnreadableImageError(
-                "the upload is not a readable image (accepted: PNG, JPEG, TIFF, BMP, WebP or DICOM)"
-            ) from None
-        return _decode_dicom(dataset, limits, frame, window)
+    if is_part10(data) or looks_like_headerless_dataset(data):
+        dataset = read_dicom(data, max_inflated_bytes=limits.max_bytes, cancellation=cancellation)
+        picture, source = decode_dicom(
+            dataset,
+            max_pixels=limits.max_pixels,
+            max_frames=limits.max_frames,
+            frame=frame,
+            window=window,
+            cancellation=cancellation,
+        )
+        check_usable(picture.width, picture.height)
+        return DecodedImage(picture=picture, source_format="DICOM", dicom=source)
+    picture, source_format = decode_raster(data, max_pixels=limits.max_pixels, cancellation=cancellation)
     if frame is not None or window is not None:
         raise UnusableImageError("frame and window apply to DICOM images only")
     check_usable(picture.width, picture.height)
     return DecodedImage(picture=picture, source_format=source_format)
-
-
-def _decode_dicom(
-    dataset: Dataset, limits: ImageLimits, frame: int | None, window: str | None
-) -> DecodedImage:
-    picture, source = decode_dicom(
-        dataset, max_pixels=limits.max_pixels, max_frames=limits.max_frames, frame=frame, window=window
-    )
-    check_usable(picture.width, picture.height)
-    return DecodedImage(picture=picture, source_format="DICOM", dicom=source)
-
-
-def check_usable(width: int, height: int) -> None:
-    if min(width, height) < MIN_SIDE:
-        raise UnusableImageError(
-            f"the image is {width}x{height} pixels; both sides must be at least {MIN_SIDE} pixels"
-        )
-    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        raise UnusableImageError(
-            f"the image is {width}x{height} pixels; its aspect ratio must not exceed {MAX_ASPECT_RATIO}:1"
-        )

@@ -19,3 +19,10 @@ class ImageTooLargeError(ImageError):
 
 class UnusableImageError(ImageError):
     """The image decodes but cannot be fed to the model (too small, extreme aspect ratio, bad frame...)."""
+
+
+class DecodingCancelledError(Exception):
+    """The request that wanted this upload decoded is gone (client disconnected, deadline passed).
+
+    Not an ImageError: nobody is waiting for the answer, so it never becomes a response.
+    """

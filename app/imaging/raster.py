@@ -7,7 +7,9 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.imaging.bounds import Cancellation
 from app.imaging.errors import ImageTooLargeError, UnreadableImageError, UnsupportedImageError
+from app.imaging.fence import reading_client_bytes
 
 # MPO is the multi-picture JPEG that phones and some cameras write; its first picture is a plain JPEG.
 ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP"})
@@ -16,19 +18,22 @@ ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "WEBP"})
 # Pillow's process-wide check would otherwise warn, or raise, at a fixed size of its own choosing.
 Image.MAX_IMAGE_PIXELS = None
 
+NOT_AN_IMAGE = "the upload is not a readable image (accepted: PNG, JPEG, TIFF, BMP, WebP or DICOM)"
+
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
-def decode_raster(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
-    """Decode an image file into RGB. Returns the picture and the file's format name."""
-    try:
-        picture = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as exc:
-        raise UnreadableImageError(
-            "the upload is not a readable image (accepted: PNG, JPEG, TIFF, BMP, WebP or DICOM)"
-        ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports malformed headers all three ways
-        raise UnreadableImageError("the image header is corrupt") from exc
+def decode_raster(data: bytes, *, max_pixels: int, cancellation: Cancellation) -> tuple[Image.Image, str]:
+    """Decode an image file into RGB. Returns the picture and the file's format name.
+
+    The header is read first; pixels are decoded only once their count is known to be within the limit,
+    so Pillow's decoders write into a picture of that size and no more.
+    """
+    with reading_client_bytes("the image header is corrupt"):
+        try:
+            picture = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as exc:
+            raise UnreadableImageError(NOT_AN_IMAGE) from exc
 
     file_format = picture.format or "unknown"
     if file_format not in ACCEPTED_FORMATS:
@@ -40,13 +45,12 @@ def decode_raster(data: bytes, *, max_pixels: int) -> tuple[Image.Image, str]:
         raise ImageTooLargeError(
             f"the image is {width}x{height} pixels, more than the limit of {max_pixels} pixels"
         )
-    try:
+    cancellation.check()
+    with reading_client_bytes(f"the {file_format} image data is corrupt or truncated"):
         picture.load()
         # Phones and some scanners store the picture sideways with an EXIF note saying how to turn it.
         oriented = ImageOps.exif_transpose(picture)
         return to_rgb(oriented), "JPEG" if file_format == "MPO" else file_format
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise UnreadableImageError("the image data is corrupt or truncated") from exc
 
 
 def to_rgb(picture: Image.Image) -> Image.Image:
@@ -69,15 +73,19 @@ def stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     """Map the values actually present onto 0..255.
 
     A 12-bit radiograph stored in 16-bit words uses 0..4095; dividing by 256 would leave it nearly black.
-    Stretching its real range keeps all of its contrast.
+    Stretching its real range keeps all of its contrast. One working copy, transformed in place.
     """
-    values = values.astype(np.float64)
-    finite = np.isfinite(values)
+    scaled = values.astype(np.float64)
+    finite = np.isfinite(scaled)
     if not finite.any():
-        return np.zeros(values.shape, dtype=np.uint8)
-    low = float(values[finite].min())
-    high = float(values[finite].max())
+        return np.zeros(scaled.shape, dtype=np.uint8)
+    low = float(scaled[finite].min())
+    high = float(scaled[finite].max())
     if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (np.where(finite, values, low) - low) * (255.0 / (high - low))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.zeros(scaled.shape, dtype=np.uint8)
+    scaled[~finite] = low
+    scaled -= low
+    scaled *= 255.0 / (high - low)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)

@@ -15,28 +15,95 @@ Report (TID 2000):
             SELECTED FROM IMAGE  Source image (121324, DCM)  the source's pixel space (column, row)
       CONTAINS CONTAINER  Impressions (121072, DCM)
         CONTAINS TEXT  Impression (121073, DCM)         /report, when the model wrote one
+
+What a source must have for a report to be anchored to it is checked before the model runs
+(check_report_source), and refused with the missing attributes named:
+
+- Study Instance UID: the report is filed in the source's study; without it, it would belong nowhere.
+- Series and SOP Instance UIDs and a SOP Class UID that names a standard storage class: the report
+  references the source image by them.
+- a patient module, that is a Patient ID or a Patient's Name element (either may be empty): without
+  one the report would belong to no patient.
+- nothing else highdicom refuses to copy (a character set DICOM does not define): an empty report is
+  built as a trial, since highdicom's checks are many and not public one by one.
+
+What may be filled: the Patient and Study attributes that DICOM makes Type 2 (Patient ID, Patient's
+Name, Birth Date and Sex, Accession Number, Study ID, Date and Time, Referring Physician) are written
+empty when the source lacks them or holds a value DICOM does not allow there (a sex other than M, F
+or O, a date that is not a date). Type 2 means "present, and empty when unknown": an empty value says
+unknown, and nothing is ever invented.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+from highdicom._standard_utils import get_sop_class_iod_map
 from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM, PersonName
 
 from app import __version__
 from app.imaging import DicomSource
+from app.imaging.fence import raised_by_this_service
 from app.schemas import GroundedFinding, Report
 
 DIAGNOSTIC_IMAGING_REPORT = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 SERIES_NUMBER = 9900  # high, so AI results sort after the acquired series in viewers
 MANUFACTURER = "MedMO Serve"
 UNLABELLED = "Unnamed finding"
+
+# Type 1 attributes of the source the report cannot do without, and what each is for.
+_REQUIRED_UIDS = {
+    "StudyInstanceUID": "Study Instance UID (the study the report is filed in)",
+    "SeriesInstanceUID": "Series Instance UID (to reference the source image)",
+    "SOPInstanceUID": "SOP Instance UID (to reference the source image)",
+    "SOPClassUID": "SOP Class UID (to reference the source image)",
+}
+_PATIENT_MODULE = ("PatientID", "PatientName")
+_PATIENT_SEXES = frozenset({"M", "F", "O"})
+
+
+class ReportSourceError(ValueError):
+    """The source lacks what a Structured Report must be anchored to. The message names what is missing."""
+
+
+def check_report_source(source: DicomSource) -> None:
+    """Refuse a source that a Structured Report cannot be anchored to, before any inference is spent."""
+    header = source.header
+    missing = [label for keyword, label in _REQUIRED_UIDS.items() if not _one_string(header.get(keyword))]
+    if not any(keyword in header for keyword in _PATIENT_MODULE):
+        missing.append("patient module (neither Patient ID nor Patient's Name)")
+    if missing:
+        raise ReportSourceError(
+            "a DICOM Structured Report cannot be anchored to this source: it has no " + "; no ".join(missing)
+        )
+    # highdicom copies the patient and study modules by the source's IOD, which it looks up by SOP class
+    # (a private helper: highdicom has no public way to ask whether it knows a SOP class).
+    if str(header.SOPClassUID).strip() not in get_sop_class_iod_map():
+        raise ReportSourceError(
+            "a DICOM Structured Report cannot reference this source: its SOP Class UID is not a standard "
+            "storage class"
+        )
+    # Whatever else highdicom would refuse in the header (a character set DICOM does not define, say)
+    # is found by building an empty report now, a few milliseconds, rather than a full one after the model.
+    try:
+        _document(source, _TRIAL_AUTHOR, [], "trial")
+    except Exception as exc:
+        if raised_by_this_service(exc):
+            raise
+        # highdicom's message may quote the value it refused: patient data, so it is not passed on.
+        raise ReportSourceError(
+            "a DICOM Structured Report cannot be built from this source: its header holds a value DICOM "
+            "does not allow there (the Specific Character Set, or a UID)"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -120,7 +187,7 @@ def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.Content
     )
     root.ContentSequence = hd.sr.ContentSequence([*observer, *items])
     document = hd.sr.ComprehensiveSR(
-        evidence=[source.header],
+        evidence=[_evidence(source.header)],
         content=root,
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBER,
@@ -136,6 +203,70 @@ def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.Content
     buffer = io.BytesIO()
     dcmwrite(buffer, document, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _evidence(header: Dataset) -> Dataset:
+    """The source header with its Type 2 patient and study attributes present, each valid or empty."""
+    # A new dataset sharing the source's elements: the source's FileDataset also holds the whole upload,
+    # which a deep copy would duplicate. Elements are replaced here, never changed in place.
+    evidence = Dataset()
+    for element in header:
+        evidence.add(element)
+    for keyword, valid in _TYPE_2_CHECKS.items():
+        value = evidence.get(keyword)
+        if value is None or not valid(value):
+            _replace(evidence, keyword, "")
+    character_set = evidence.get("SpecificCharacterSet")
+    if isinstance(character_set, MultiValue) and character_set and not character_set[0]:
+        # PS3.3 C.12.1.1.2: an empty first value of several means ISO 2022 IR 6; highdicom wants it said.
+        _replace(evidence, "SpecificCharacterSet", ["ISO 2022 IR 6", *list(character_set)[1:]])
+    elif character_set == "":
+        del evidence["SpecificCharacterSet"]  # empty: the default repertoire, as if absent
+    return evidence
+
+
+def _replace(evidence: Dataset, keyword: str, value: object) -> None:
+    if keyword in evidence:
+        del evidence[keyword]  # setting the value would change the element the source shares
+    setattr(evidence, keyword, value)
+
+
+def _one_string(value: object) -> bool:
+    # One value read as a string (a UID, a name); a multi-valued element reads as a list.
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _text_value(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _parses_as(kind: Callable[[str], object]) -> Callable[[object], bool]:
+    def valid(value: object) -> bool:
+        if not isinstance(value, str):
+            return False
+        try:
+            kind(value)
+        except (ValueError, TypeError, OverflowError):
+            return False
+        return True
+
+    return valid
+
+
+# What highdicom's report constructor requires of each Type 2 attribute it reads from the source. Person
+# names read as PersonName; a multi-valued element reads as a list, and is refused.
+_TYPE_2_CHECKS: dict[str, Callable[[object], bool]] = {
+    "PatientID": _text_value,
+    "PatientName": lambda value: isinstance(value, (str, PersonName)),
+    "PatientBirthDate": _parses_as(DA),
+    "PatientSex": lambda value: isinstance(value, str) and value in {*_PATIENT_SEXES, ""},
+    "AccessionNumber": _text_value,
+    "StudyID": _text_value,
+    "StudyDate": _parses_as(DA),
+    "StudyTime": _parses_as(TM),
+    "ReferringPhysicianName": lambda value: isinstance(value, (str, PersonName)),
+}
+_TRIAL_AUTHOR = Author(model="trial", revision=None)
 
 
 def _text(name: hd.sr.CodedConcept | object, value: str) -> hd.sr.TextContentItem:

@@ -15,9 +15,15 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_files
 
+from app.engine import generate_engine
+from app.engine.protocol import Engine
+from app.engine.runtime import ModelRuntime, Runtime
 from app.logs import JsonFormatter
 from app.main import create_app
+from app.metrics import Metrics
+from app.settings import Settings
 from tests.conftest import png_bytes, pydicom_file, settings_for
+from tests.instrumented import InstrumentedRuntime
 
 DATA_ROOT = Path(pydicom.data.__file__).parent / "test_files"
 SHIPPED = sorted(
@@ -62,7 +68,7 @@ def test_every_shipped_file_gets_a_200_or_a_documented_4xx(random_client: TestCl
         ("test-SR.dcm", 422, None),
         ("dicomdirtests/77654033/CR1/6154", 422, None),  # MONOCHROME1, but 16x16: too small for the model
         ("MR_truncated.dcm", 400, None),
-        ("JPEG2000-embedded-sequence-delimiter.dcm", 415, None),
+        ("JPEG2000-embedded-sequence-delimiter.dcm", 400, None),  # corrupt in a syntax decoded here
     ],
 )
 def test_known_files(random_client: TestClient, name: str, status: int, modality: str | None) -> None:
@@ -262,3 +268,29 @@ def test_planted_patient_data_reaches_no_json_response_and_no_log_line(
         assert canary not in logged
         for response in responses:
             assert canary not in response.text
+
+
+def test_a_report_that_cannot_be_anchored_is_refused_before_the_model_runs(random_checkpoint: Path) -> None:
+    model_runtime = ModelRuntime.load(Settings(model=str(random_checkpoint)))
+    instruments = InstrumentedRuntime(model_runtime)
+    settings = settings_for(random_checkpoint, engine="generate", report_max_new_tokens=2)
+
+    def engine(settings: Settings, runtime: Runtime, metrics: Metrics) -> Engine:
+        return generate_engine(settings, instruments, metrics)
+
+    with TestClient(create_app(settings, runtime=model_runtime, engine_factory=engine)) as client:
+        anchored = post_dicom(client, "/report", pydicom_file("CT_small.dcm"), Accept="application/dicom")
+        assert anchored.status_code == 200, anchored.text
+        assert instruments.computed == 1  # the count sees the model's work
+        for name, missing in [
+            ("SC_rgb_jls_lossy_line.dcm", "no Study Instance UID"),
+            ("GDCMJ2K_TextGBR.dcm", "no patient module"),
+        ]:
+            refused = post_dicom(client, "/report", pydicom_file(name), Accept="application/dicom")
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"]["code"] == "incomplete_report_source"
+            assert missing in refused.json()["error"]["message"]
+        assert instruments.computed == 1  # no inference was spent on them
+        as_json = post_dicom(client, "/report", pydicom_file("SC_rgb_jls_lossy_line.dcm"))
+        assert as_json.status_code == 200  # the same source answers in JSON, which needs no anchor
+        assert instruments.computed == 2

@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut
+from pydicom.uid import MPEG2MPML
 
 from app.imaging import (
     ImageLimits,
@@ -17,14 +18,16 @@ from app.imaging import (
     UnusableImageError,
     decode_image,
 )
-from app.imaging.dicom import decode_dicom, read_dataset
+from app.imaging.bounds import Cancellation
+from app.imaging.dicom import decode_dicom
+from app.imaging.dicom_file import read_dicom
 from tests.conftest import png_bytes, pydicom_file
 
 LIMITS = ImageLimits(max_bytes=64 * 1024 * 1024, max_pixels=50_000_000)
 
 
 def dataset(name: str) -> Dataset:
-    return read_dataset(pydicom_file(name), require_preamble=True)
+    return read_dicom(pydicom_file(name), max_inflated_bytes=LIMITS.max_bytes, cancellation=Cancellation())
 
 
 def gray(picture: object) -> np.ndarray:
@@ -161,11 +164,16 @@ def test_detected_by_content_even_without_a_preamble() -> None:
         decode_image(pydicom_file("ExplVR_LitEndNoMeta.dcm"), LIMITS)
 
 
-def test_truncated_and_undecodable_pixel_data() -> None:
-    with pytest.raises(UnreadableImageError):
+def test_truncated_corrupt_and_undecodable_pixel_data() -> None:
+    with pytest.raises(UnreadableImageError, match="fewer than the 8192 its header declares"):
         decode_image(pydicom_file("MR_truncated.dcm"), LIMITS)
-    with pytest.raises(UnsupportedImageError, match="JPEG"):
+    # A supported syntax whose data the decoders refuse is the upload's fault (400), not a gap here (415).
+    with pytest.raises(UnreadableImageError, match=r"JPEG 2000 .* cannot be decoded: it is corrupt"):
         decode_image(pydicom_file("JPEG2000-embedded-sequence-delimiter.dcm"), LIMITS)
+    mpeg = dataset("CT_small.dcm")
+    mpeg.file_meta.TransferSyntaxUID = MPEG2MPML
+    with pytest.raises(UnsupportedImageError, match="MPEG2 Main Profile / Main Level cannot be decoded here"):
+        decode_dicom(mpeg, max_pixels=LIMITS.max_pixels, frame=None, window=None)
 
 
 def test_window_and_frame_only_apply_where_they_mean_something() -> None:

@@ -117,3 +117,15 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 def test_files_over_the_byte_limit_are_refused() -> None:
     with pytest.raises(ImageTooLargeError):
         decode_image(encode(rgb_image(64, 64)), ImageLimits(max_bytes=100, max_pixels=10**6))
+
+
+@pytest.mark.parametrize("cut", [100, 300, 1000])
+def test_a_truncated_png_is_reported_as_truncated_not_as_an_unknown_format(cut: int) -> None:
+    with pytest.raises(UnreadableImageError, match="the PNG image data is corrupt or truncated"):
+        decode_image(encode(rgb_image(96, 64))[:cut], LIMITS)
+
+
+def test_a_truncated_jpeg_is_reported_as_corrupt_or_truncated() -> None:
+    jpeg = encode(rgb_image(96, 64), "JPEG")
+    with pytest.raises(UnreadableImageError, match="the JPEG image data is corrupt or truncated"):
+        decode_image(jpeg[: len(jpeg) // 2], LIMITS)
