@@ -19,11 +19,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from PIL import Image
-from qwen_vl_utils import fetch_image
+from qwen_vl_utils import fetch_image, smart_resize
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 from transformers.utils import logging as transformers_logging
 
 from app.engine.request import FinishReason, Generation, GenerationOptions, PreparedRequest
+from app.imaging.errors import UnusableImageError
 from app.settings import Settings
 
 
@@ -133,6 +134,7 @@ class ModelRuntime:
         self.max_pixels = max_pixels
         self.system_prompt = system_prompt
         self.patch_size = int(processor.image_processor.patch_size)
+        self.merge_size = int(processor.image_processor.merge_size)
         tokenizer = processor.tokenizer
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         eos = model.generation_config.eos_token_id
@@ -248,6 +250,14 @@ class ModelRuntime:
             raise ValueError(f"a request holds exactly one image, not {len(images)}")
         # qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only ever
         # handed a decoded PIL image: given a string it would open local paths and fetch URLs.
+        width, height = images[0]["image"].size
+        side = self.patch_size * self.merge_size
+        if min(smart_resize(height, width, side, self.min_pixels, self.max_pixels)) < side:
+            # qwen-vl-utils would make a side of 0 pixels: an image too elongated for MEDMO_MAX_PIXELS.
+            raise UnusableImageError(
+                f"the image is too elongated for the area the model is fed (MEDMO_MAX_PIXELS={self.max_pixels}): "
+                f"its shorter side would be under {side} pixels"
+            )
         resized = fetch_image(images[0], image_patch_size=self.patch_size)
         with self._processor_lock:
             text = self.processor.apply_chat_template(

@@ -10,6 +10,7 @@ from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
 from app.engine.request import GenerationOptions
 from app.engine.runtime import ModelLoadError, ModelRuntime, collate
+from app.imaging.errors import UnusableImageError
 from app.settings import Settings
 from tests.conftest import README_GROUNDING_REPLY, rgb_image
 
@@ -113,3 +114,12 @@ def test_missing_folder_is_one_sentence_naming_the_setting(tmp_path: Path) -> No
 def test_folder_without_a_model_says_what_failed(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"could not load model .*set MEDMO_MODEL"):
         ModelRuntime.load(Settings(model=str(tmp_path)))
+
+
+def test_an_image_too_elongated_for_the_model_area_is_unusable(random_checkpoint: Path) -> None:
+    runtime = ModelRuntime.load(
+        Settings(model=str(random_checkpoint), min_pixels=64 * 64, max_pixels=128 * 128)
+    )
+    with pytest.raises(UnusableImageError, match="too elongated"):
+        runtime.prepare(rgb_image(6400, 32), "q", OPTIONS)  # 200:1, inside the decoder's limit
+    assert runtime.prepare(rgb_image(512, 32), "q", OPTIONS).model_input_size[1] >= 32
