@@ -52,7 +52,6 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        task_fields=tasks.TASK_FIELDS,
         # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,

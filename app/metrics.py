@@ -92,6 +92,21 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=self.registry,
         )
+        # --- streamed answers ---
+        self.stream_first_token = Histogram(
+            "medmo_stream_first_token_seconds",
+            "Streamed answers: from a request's arrival to its first text sent, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_tokens_per_second = Histogram(
+            "medmo_stream_tokens_per_second",
+            "Streamed answers: tokens written per second after the first, by route.",
+            ["route"],
+            buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000),
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "medmo_rejections",
             "Requests refused before running, by reason (queue_full, deadline, draining, dead, ...).",

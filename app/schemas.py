@@ -7,9 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.imaging.dicom import WINDOW_PATTERN
-from app.settings import BoxConvention
 
-TaskName = Literal["vqa", "report", "ground"]
+BoxConvention = Literal["pixel", "rel1000"]
 
 
 # --- requests: the text fields of each task, shared by the multipart and the JSON encodings ---
@@ -42,41 +41,11 @@ class TaskFields(BaseModel):
         "(see /info). Default: that limit.",
         examples=[64],
     )
-
-
-class VqaFields(TaskFields):
-    question: str = Field(
-        min_length=1,
-        max_length=4000,
-        description="The clinical question about the image.",
-        examples=["Is there a pleural effusion?"],
-    )
-
-
-class ReportFields(TaskFields):
-    modality: str | None = Field(
+    stream: bool | None = Field(
         None,
-        max_length=64,
-        description="Imaging modality, if known; it is named in the prompt.",
-        examples=["chest X-ray"],
-    )
-    indication: str | None = Field(
-        None,
-        max_length=4000,
-        description="Clinical context (indication, history) given to the model with the image.",
-        examples=["Fever and cough for three days."],
-    )
-
-
-class GroundFields(TaskFields):
-    target: str | None = Field(
-        None,
-        max_length=500,
-        description="What to find and box. Default: all visible abnormalities.",
-        examples=["pleural effusion"],
-    )
-    modality: str | None = Field(
-        None, max_length=64, description="Imaging modality, if known.", examples=["X-ray"]
+        description="true: answer with Server-Sent Events as the model writes (delta events, then one result "
+        "event holding this route's JSON response), as Accept: text/event-stream does.",
+        examples=[True],
     )
 
 
@@ -172,83 +141,6 @@ class TaskResponse(BaseModel):
     timing: Timing = Field(
         description="Where the time went.",
         examples=[{"queue_ms": 12.5, "inference_ms": 1840.0, "total_ms": 1901.2}],
-    )
-
-
-class VqaResponse(TaskResponse):
-    task: Literal["vqa"] = Field("vqa", description="The task that answered.", examples=["vqa"])
-    answer: str = Field(description="The model's answer.", examples=["Yes, a small left pleural effusion."])
-
-
-class Report(BaseModel):
-    findings: str = Field(description="The findings section.", examples=["The lungs are clear."])
-    impression: str | None = Field(
-        description="The impression section; null when the model wrote none.",
-        examples=["No acute cardiopulmonary process."],
-    )
-    text: str = Field(
-        description="The report exactly as the model wrote it.",
-        examples=["The lungs are clear.\n\nNo acute cardiopulmonary process."],
-    )
-
-
-class ReportResponse(TaskResponse):
-    task: Literal["report"] = Field("report", description="The task that answered.", examples=["report"])
-    report: Report = Field(
-        description="The report, split into its sections.",
-        examples=[
-            {
-                "findings": "The lungs are clear.",
-                "impression": "No acute cardiopulmonary process.",
-                "text": "The lungs are clear.\n\nNo acute cardiopulmonary process.",
-            }
-        ],
-    )
-
-
-class Box(BaseModel):
-    x_min: float = Field(description="Left edge.", examples=[0.157])
-    y_min: float = Field(description="Top edge.", examples=[0.645])
-    x_max: float = Field(description="Right edge.", examples=[0.233])
-    y_max: float = Field(description="Bottom edge.", examples=[0.759])
-
-
-class GroundedFinding(BaseModel):
-    label: str | None = Field(
-        description="What the model says is there; null if it gave no name.", examples=["Fractures"]
-    )
-    box: Box = Field(
-        description="Corners as fractions, 0 to 1, of the uploaded image's width and height.",
-        examples=[{"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759}],
-    )
-    box_px: Box = Field(
-        description="The same corners in the uploaded image's pixels.",
-        examples=[{"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0}],
-    )
-
-
-class GroundResponse(TaskResponse):
-    task: Literal["ground"] = Field("ground", description="The task that answered.", examples=["ground"])
-    findings: list[GroundedFinding] = Field(
-        description="Every box the model drew, in the order it wrote them.",
-        examples=[
-            [
-                {
-                    "label": "Fractures",
-                    "box": {"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759},
-                    "box_px": {"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0},
-                }
-            ]
-        ],
-    )
-    box_convention: BoxConvention = Field(
-        description="How the model's coordinates were read: pixel (absolute pixels of the image the model saw) "
-        "or rel1000 (0-1000 scale).",
-        examples=["pixel"],
-    )
-    raw_text: str = Field(
-        description="The model's output exactly as written.",
-        examples=["Fractures <box>[[156, 516, 231, 607]]</box>"],
     )
 
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BoxConvention = Literal["pixel", "rel1000"]
+from app.schemas import BoxConvention
+from app.tasks import TASKS
 
 MIB = 1024 * 1024
 # Tokens of chat template and instructions around the image, for the context check at startup.
 PROMPT_ALLOWANCE = 128
 
 
-class Settings(BaseSettings):
-    """Everything an operator can set. Environment variables are the field names upper-cased with MEDMO_."""
+class _Settings(BaseSettings):
+    """Everything an operator can set. Environment variables are the field names upper-cased with MEDMO_.
+
+    Each task's token limit (MEDMO_VQA_MAX_NEW_TOKENS, ...) is added from the task's own declaration; read
+    it with `max_new_tokens(task)`.
+    """
 
     model_config = SettingsConfigDict(env_prefix="MEDMO_", extra="ignore", frozen=True)
 
@@ -47,9 +52,6 @@ class Settings(BaseSettings):
         ge=32 * 32,
         description="Largest image area fed to the model (MedMO trained at 1280x1280).",
     )
-    vqa_max_new_tokens: int = Field(256, ge=1, le=8192)
-    report_max_new_tokens: int = Field(1024, ge=1, le=8192)
-    ground_max_new_tokens: int = Field(512, ge=1, le=8192)
     box_convention: BoxConvention = Field(
         "pixel",
         description="How the model writes boxes: pixel = absolute pixels of the model's input image (MedMO); "
@@ -178,12 +180,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> Settings:
+    def _consistent(self) -> _Settings:
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"MEDMO_MIN_PIXELS ({self.min_pixels}) is larger than MEDMO_MAX_PIXELS ({self.max_pixels})"
             )
-        longest_answer = max(self.vqa_max_new_tokens, self.report_max_new_tokens, self.ground_max_new_tokens)
+        longest_answer = max(self.max_new_tokens(task) for task in TASKS)
         image_tokens = self.max_pixels // (32 * 32)
         if (
             self.engine == "continuous"
@@ -200,6 +202,31 @@ class Settings(BaseSettings):
                 f"({self.request_timeout_s} s): a batch would wait past every deadline"
             )
         return self
+
+    def max_new_tokens(self, task: str) -> int:
+        """The generation limit of a task (MEDMO_<TASK>_MAX_NEW_TOKENS)."""
+        return int(getattr(self, f"{task}_max_new_tokens"))
+
+
+def _task_limits() -> dict[str, Any]:
+    return {
+        f"{task.name}_max_new_tokens": (
+            int,
+            Field(
+                task.default_max_new_tokens,
+                ge=1,
+                le=8192,
+                description=f"Generation limit for /{task.name}; a request may ask for fewer tokens.",
+            ),
+        )
+        for task in TASKS.values()
+    }
+
+
+if TYPE_CHECKING:
+    Settings = _Settings
+else:
+    Settings = create_model("Settings", __base__=_Settings, __module__=__name__, **_task_limits())
 
 
 MIN_KEY_LENGTH = 16

@@ -43,10 +43,9 @@ from app.engine import build_runner, continuous_engine
 from app.engine.protocol import Completed, Engine, TokenDelta
 from app.engine.request import GenerationOptions, PreparedRequest
 from app.metrics import Metrics
-from app.schemas import GroundFields, ReportFields
 from app.settings import Settings
-from app.tasks.ground import ground_prompt
-from app.tasks.report import report_prompt
+from app.tasks.ground import GroundFields, ground_prompt
+from app.tasks.report import ReportFields, report_prompt
 from app.tiny_checkpoint import SHAPES
 from bench.load import FIELDS, test_images
 from bench.server import build_runtime

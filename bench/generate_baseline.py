@@ -21,10 +21,9 @@ from PIL import Image
 
 from app.engine.request import GenerationOptions
 from app.engine.runtime import collate
-from app.schemas import GroundFields, ReportFields
 from app.settings import Settings
-from app.tasks.ground import ground_prompt
-from app.tasks.report import report_prompt
+from app.tasks.ground import GroundFields, ground_prompt
+from app.tasks.report import ReportFields, report_prompt
 from app.tiny_checkpoint import SHAPES
 from bench.server import build_runtime
 

@@ -7,9 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from PIL import Image
-
-from app.engine.request import Generation, GenerationOptions, PreparedRequest
+from app.engine.request import Generation, PreparedRequest
 from app.engine.runtime import ModelRuntime
 from app.engine.slots import SlotRunner
 
@@ -46,17 +44,15 @@ class InstrumentedRuntime(Gated):
         self.eos_token_ids = inner.eos_token_ids
         self.batches: list[list[PreparedRequest]] = []
 
-    def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
-        return self.inner.prepare(picture, prompt, options)
+    def __getattr__(self, name: str) -> Any:
+        # Preparing, decoding text: the real runtime's, uninstrumented.
+        return getattr(self.inner, name)
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
         self.enter()
         self.batches.append(list(batch))
         self.fail_if_asked(batch)
         return self.inner.generate(batch)
-
-    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation:
-        return self.inner.finish(request, tokens)
 
     @property
     def computed(self) -> int:

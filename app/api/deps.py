@@ -14,7 +14,6 @@ from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
 from app.engine.runtime import Runtime
 from app.metrics import Metrics
-from app.schemas import TaskName
 from app.settings import Settings
 
 
@@ -32,17 +31,9 @@ class Service:
     def __post_init__(self) -> None:
         self.uploads = UploadSlots(self.settings.max_uploads, self.metrics)
 
-    def max_new_tokens(self, task: TaskName) -> int:
-        """The server's limit for a task; a request may ask for fewer tokens, never more."""
-        limits = {
-            "vqa": self.settings.vqa_max_new_tokens,
-            "report": self.settings.report_max_new_tokens,
-            "ground": self.settings.ground_max_new_tokens,
-        }
-        return limits[task]
-
-    def options(self, task: TaskName, requested: int | None = None) -> GenerationOptions:
-        limit = self.max_new_tokens(task)
+    def options(self, task: str, requested: int | None = None) -> GenerationOptions:
+        """Generation options for a request: the server's limit for its task, or fewer tokens if it asks."""
+        limit = self.settings.max_new_tokens(task)
         if requested is not None and requested > limit:
             raise ApiError(
                 422,

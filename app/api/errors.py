@@ -1,13 +1,16 @@
 """One error shape for every failure, and the one place that maps exceptions to HTTP statuses.
 
-Every error body is {"error": {"code", "message", "request_id"}}. Messages are written for clients and never
-carry stack traces, object addresses, request content or patient data; details go to the log by type only.
+Every error body is {"error": {"code", "message", "request_id"}}, except on the OpenAI-compatible routes
+(/v1/...), which answer in OpenAI's shape because that is what its SDKs read. Messages are written for
+clients and never carry stack traces, object addresses, request content or patient data; details go to the
+log by type only.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -81,34 +84,74 @@ def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def error_response(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body = ErrorResponse.model_validate(
-        {"error": {"code": code, "message": message, "request_id": request_id_of(request)}}
-    )
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong, as a client is told it."""
+
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] | None = None
+
+    def body(self, request_id: str | None) -> dict[str, Any]:
+        detail = {"code": self.code, "message": self.message, "request_id": request_id}
+        return ErrorResponse.model_validate({"error": detail}).model_dump()
 
 
-def to_error_response(request: Request, exc: Exception) -> JSONResponse:
-    """Map any exception to the error shape. Unknown exceptions are a 500 with a generic message."""
+def classify(exc: Exception) -> Failure:
+    """Map any exception to what the client is told. Unknown exceptions are a 500 with a generic message."""
     if isinstance(exc, ApiError):
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return Failure(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, RequestValidationError):
-        return error_response(request, 422, "invalid_request", describe_validation_errors(exc.errors()))
+        return Failure(422, "invalid_request", describe_validation_errors(exc.errors()))
     if isinstance(exc, StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return Failure(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
     for exc_type, status, code in _STATUS_BY_TYPE:
         if isinstance(exc, exc_type):
             headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
             if status >= 500:
                 logger.warning("request failed: %s (%s)", code, type(exc).__name__)
-            message = str(exc) or _DEFAULT_MESSAGES.get(code, code)
-            return error_response(request, status, code, message, headers)
+            return Failure(status, code, str(exc) or _DEFAULT_MESSAGES.get(code, code), headers)
     # The traceback's frames, not its message: exception messages can quote request content.
     logger.error("unhandled %s while serving a request\n%s", type(exc).__name__, _frames(exc))
-    return error_response(request, 500, "internal_error", "the server failed to process the request")
+    return Failure(500, "internal_error", "the server failed to process the request")
+
+
+def error_response(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return failure_response(request, Failure(status, code, message, headers))
+
+
+def failure_response(request: Request, failure: Failure) -> JSONResponse:
+    """The failure in the error shape of the API the request called: this service's, or OpenAI's on /v1."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        body = openai_error(failure)
+    else:
+        body = failure.body(request_id_of(request))
+    return JSONResponse(body, status_code=failure.status, headers=failure.headers)
+
+
+def to_error_response(request: Request, exc: Exception) -> JSONResponse:
+    return failure_response(request, classify(exc))
+
+
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def openai_error(failure: Failure, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape, which its SDKs read: {"error": {"message", "type", "param", "code"}}."""
+    kind = _OPENAI_TYPES.get(
+        failure.status, "server_error" if failure.status >= 500 else "invalid_request_error"
+    )
+    return {"error": {"message": failure.message, "type": kind, "param": param, "code": failure.code}}
 
 
 _DEFAULT_MESSAGES = {

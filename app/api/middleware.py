@@ -37,6 +37,8 @@ class RequestRecord:
     image_height: int | None = None
     image_format: str | None = None
     modality: str | None = None
+    time_to_first_token_ms: float | None = None  # streamed answers: from arrival to the first text sent
+    tokens_per_s: float | None = None  # streamed answers: how fast the text was written after that
 
 
 def request_record(request: Request) -> RequestRecord:

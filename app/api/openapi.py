@@ -21,8 +21,9 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api.negotiation import DICOM
+from app.api.negotiation import DICOM, EVENTS
 from app.schemas import ErrorResponse, TaskFields
+from app.tasks import TASKS
 
 _IMAGE_UPLOAD = {
     "type": "string",
@@ -33,6 +34,12 @@ _IMAGE_UPLOAD = {
     "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
 }
 _DICOM_FILE = {"type": "string", "format": "binary", "contentMediaType": DICOM}
+_EVENT_STREAM = {
+    "type": "string",
+    "description": "Server-Sent Events: event delta, data {text}; then event result, data the JSON result; or "
+    "event error, data the error shape.",
+    "examples": ['event: delta\ndata: {"text":"The lungs"}\n\nevent: result\ndata: {"request_id":"..."}\n\n'],
+}
 # A 32x32 grayscale PNG: the smallest image the model accepts, so examples are real requests.
 EXAMPLE_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGElEQVR42mNsYMAPmBhGFYwqGFUwQhUAAJe+AMD8WknZAAAAAElFTkSuQmCC"
 _IMAGE_BASE64 = {
@@ -108,9 +115,12 @@ def task_request_body(fields_model: type[TaskFields]) -> dict[str, Any]:
         # for application/json (openapi-fetch: createClient<paths, "application/json">).
         "responses": {
             "200": {
-                "content": {DICOM: {"schema": _DICOM_FILE}},
+                "content": {DICOM: {"schema": _DICOM_FILE}, EVENTS: {"schema": _EVENT_STREAM}},
                 "description": "The task's JSON result. With Accept: application/dicom and a DICOM image, "
-                "a DICOM Comprehensive Structured Report in the source's study instead.",
+                "a DICOM Comprehensive Structured Report in the source's study instead. With Accept: "
+                "text/event-stream (or stream=true), Server-Sent Events as the model writes: `delta` events "
+                '(data: {"text": "..."}), then one `result` event whose data is the JSON result, or one '
+                "`error` event whose data is the error shape.",
             }
         },
     }
@@ -157,9 +167,8 @@ LICENSE = {"name": "Apache-2.0", "identifier": "Apache-2.0"}
 class MedmoAPI(FastAPI):
     """FastAPI with the task request bodies, servers, tags and licence in the generated schema."""
 
-    def __init__(self, *, task_fields: tuple[type[TaskFields], ...], **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(servers=SERVERS, openapi_tags=TAGS, license_info=LICENSE, **kwargs)
-        self.task_fields = task_fields
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema:
@@ -175,7 +184,7 @@ class MedmoAPI(FastAPI):
             servers=self.servers,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for fields_model in self.task_fields:
+        for fields_model in (task.fields for task in TASKS.values()):
             components.update(task_body_schemas(fields_model))
             nested = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(nested.get("$defs", {}))

@@ -12,6 +12,7 @@ from app.api.auth import require_api_key, require_api_key_for_metrics
 from app.api.deps import get_running, get_service
 from app.engine.protocol import EngineState
 from app.schemas import EngineInfo, ErrorResponse, Health, Info, Limits
+from app.tasks import TASKS
 
 router = APIRouter(tags=["operations"])
 # Liveness and readiness, also served alone on MEDMO_PROBE_PORT.
@@ -79,7 +80,7 @@ async def info(request: Request) -> Info:
             max_image_pixels=settings.max_image_pixels,
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
-            max_new_tokens={task: service.max_new_tokens(task) for task in ("vqa", "report", "ground")},
+            max_new_tokens={task: settings.max_new_tokens(task) for task in TASKS},
         ),
     )
 

@@ -1,145 +1,156 @@
-"""The path every task request takes: a first check of capacity, the upload, a place in the queue, decoding
-and preparing, then the engine.
+"""The path every request for the model takes: a first check of capacity, the upload, a place in the queue,
+decoding and preparing, then the engine.
 
 An overloaded server refuses a request before reading or decoding its upload. A request takes its place in
 the queue only once its body has arrived: a client that stalls mid-upload holds an upload slot (bounded in
 number and in rate, `uploads.py`), never a place that a ready request could use. Decoding and preparing
-run in worker threads, overlapping with the model's work on other requests.
+run in worker threads, overlapping with the model's work on other requests. Everything that can refuse a
+request happens before it is submitted, so a refused request gets its ordinary status, streamed or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
-from app.api.deps import get_running
+from app.api.deps import Running, get_running
 from app.api.errors import ApiError
-from app.api.middleware import request_record
-from app.api.uploads import FieldsT, UploadLimits, read_task_upload
-from app.engine.protocol import DeadlineExceededError, complete
-from app.engine.request import Generation
+from app.api.middleware import RequestRecord, request_record
+from app.api.uploads import UploadLimits
+from app.engine.protocol import Completed, DeadlineExceededError, RequestStream, WorkerDiedError
+from app.engine.request import PreparedRequest
 from app.imaging import Cancellation, DecodedImage, DicomSource, ImageLimits, decode_image
-from app.outputs.dicom_sr import check_report_source
-from app.schemas import DicomInfo, ImageSize, TaskFields, TaskName, Timing, Usage, WindowInfo
+from app.schemas import DicomInfo, ImageSize, Timing, Usage, WindowInfo
 from app.settings import Settings
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class TaskRun(Generic[FieldsT]):
-    request_id: str
-    model: str
-    revision: str | None
-    fields: FieldsT
+class ImageUpload:
+    """The image of a request as it arrived, and how to display it if it is DICOM."""
+
+    data: bytes
+    frame: int | None = None
+    window: str | None = None
+
+
+@dataclass
+class Submitted:
+    """A request in the engine: what it was made from, and the stream of its tokens."""
+
+    running: Running
+    record: RequestRecord
+    arrived: float
     image: DecodedImage
-    model_input_size: tuple[int, int]
-    generation: Generation
-    queue_s: float
-    inference_s: float
-    started: float
+    prepared: PreparedRequest
+    events: RequestStream
 
     @property
     def image_size(self) -> tuple[int, int]:
         return self.image.width, self.image.height
 
-    def envelope(self) -> dict[str, Any]:
+    def envelope(self, completed: Completed) -> dict[str, Any]:
         """The response fields every task shares."""
+        description = self.running.runtime.description
         return {
-            "request_id": self.request_id,
-            "model": self.model,
+            "request_id": self.record.request_id,
+            "model": description.model,
             "image": ImageSize(width=self.image.width, height=self.image.height),
             "dicom": dicom_info(self.image.dicom),
             "usage": Usage(
-                prompt_tokens=self.generation.prompt_tokens,
-                completion_tokens=self.generation.completion_tokens,
+                prompt_tokens=completed.generation.prompt_tokens,
+                completion_tokens=completed.generation.completion_tokens,
             ),
             "timing": Timing(
-                queue_ms=round(self.queue_s * 1000, 3),
-                inference_ms=round(self.inference_s * 1000, 3),
-                total_ms=round((time.monotonic() - self.started) * 1000, 3),
+                queue_ms=round(completed.queue_s * 1000, 3),
+                inference_ms=round(completed.inference_s * 1000, 3),
+                total_ms=round((time.monotonic() - self.arrived) * 1000, 3),
             ),
         }
 
+    def finished(self, completed: Completed, group: str) -> None:
+        """Account for a request the model has finished: access log and token metrics."""
+        self.record.queue_ms = round(completed.queue_s * 1000, 3)
+        self.record.batch_size = completed.batch_size
+        metrics = self.running.service.metrics
+        metrics.generated_tokens.labels(task=group).inc(completed.generation.completion_tokens)
 
-async def run_task(
-    request: Request,
-    task: TaskName,
-    fields_model: type[FieldsT],
-    prompt: Callable[[FieldsT], str],
-    timeout_s: float | None,
-    *,
-    dicom_source_required: bool = False,
-) -> TaskRun[FieldsT]:
-    """Run one task request through the model. With `dicom_source_required` (the client wants a DICOM
-    Structured Report back), an upload that is not DICOM is refused before the model runs."""
-    started = time.monotonic()
-    running = get_running(request)
-    service, runtime, engine = running.service, running.runtime, running.engine
-    settings = service.settings
-    loop = asyncio.get_running_loop()
-    record = request_record(request)
+
+@asynccontextmanager
+async def deadline(request: Request, timeout_s: float | None) -> AsyncIterator[float]:
+    """The request's deadline (time.monotonic()): the server's, lowered by the client's X-Request-Timeout.
+    What is still running in this scope when it passes ends with 504."""
+    settings = get_running(request).service.settings
     budget = settings.request_timeout_s if timeout_s is None else min(timeout_s, settings.request_timeout_s)
-    deadline = started + budget
-    limits = ImageLimits(
-        max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_frames=settings.max_dicom_frames,
-    )
-    engine.check_admission()
     try:
         async with asyncio.timeout(budget):
-            with service.uploads.take():
-                upload = await read_task_upload(request, fields_model, upload_limits(settings))
-            fields = upload.fields
-            options = service.options(task, fields.max_new_tokens)
-            with engine.admit() as admission:
-                # CPU work, in a small pool of its own: it overlaps with the model's work.
-                image = await decode_upload(request, running.prepare_pool, upload.image, limits, fields)
-                record.image_width, record.image_height = image.width, image.height
-                record.image_format = image.source_format
-                record.modality = image.dicom.modality if image.dicom else None
-                if dicom_source_required and image.dicom is None:
-                    raise ApiError(
-                        406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image"
-                    )
-                if dicom_source_required and image.dicom is not None:
-                    check_report_source(image.dicom)  # 422 before any inference, not a 500 after it
-                prepared = await loop.run_in_executor(
-                    running.prepare_pool,
-                    runtime.prepare,
-                    image.picture,
-                    prompt(upload.fields),
-                    options,
-                )
-                completed = await cancel_on_disconnect(
-                    request, complete(engine, admission, prepared, deadline_s=deadline)
-                )
+            yield time.monotonic() + budget
     except TimeoutError:
-        service.metrics.rejections.labels(reason="deadline").inc()
+        get_running(request).service.metrics.rejections.labels(reason="deadline").inc()
         raise DeadlineExceededError() from None
-    record.queue_ms = round(completed.queue_s * 1000, 3)
-    record.batch_size = completed.batch_size
-    service.metrics.generated_tokens.labels(task=task).inc(completed.generation.completion_tokens)
-    return TaskRun(
-        request_id=record.request_id,
-        model=runtime.description.model,
-        revision=runtime.description.revision,
-        fields=upload.fields,
-        image=image,
-        model_input_size=prepared.model_input_size,
-        generation=completed.generation,
-        queue_s=completed.queue_s,
-        inference_s=completed.inference_s,
-        started=started,
-    )
+
+
+async def submit(
+    request: Request,
+    *,
+    arrived: float,
+    group: str,
+    upload: ImageUpload,
+    max_new_tokens: int | None,
+    conversation: Callable[[DecodedImage], list[dict[str, Any]]],
+    deadline_s: float,
+    deltas: bool,
+    check_image: Callable[[DecodedImage], None] | None = None,
+) -> Submitted:
+    """Take a place, decode and prepare the upload, and hand it to the engine.
+
+    `conversation` builds what the model is asked from the decoded image; `check_image` may refuse an image
+    before any inference is spent (a DICOM Structured Report that could not be anchored to it, say).
+    """
+    running = get_running(request)
+    service, runtime, engine = running.service, running.runtime, running.engine
+    record = request_record(request)
+    options = service.options(group, max_new_tokens)
+    admission = engine.admit()
+    try:
+        image = await decode_upload(request, running.prepare_pool, upload, image_limits(service.settings))
+        record.image_width, record.image_height = image.width, image.height
+        record.image_format = image.source_format
+        record.modality = image.dicom.modality if image.dicom else None
+        if check_image is not None:
+            check_image(image)
+        prepared = await in_pool(
+            running.prepare_pool, partial(runtime.prepare_conversation, conversation(image), options)
+        )
+        events = engine.submit(admission, prepared, deadline_s=deadline_s, deltas=deltas)
+    except BaseException:
+        admission.release()
+        raise
+    return Submitted(running, record, arrived, image, prepared, events)
+
+
+async def collect(request: Request, submitted: Submitted) -> Completed:
+    """Wait for the request's result; give it up if the client goes away first."""
+
+    async def result() -> Completed:
+        try:
+            async for event in submitted.events:
+                if isinstance(event, Completed):
+                    return event
+        finally:
+            await submitted.events.aclose()
+        raise WorkerDiedError("the engine ended a stream without a result")
+
+    return await cancel_on_disconnect(request, result())
 
 
 def upload_limits(settings: Settings) -> UploadLimits:
@@ -150,16 +161,29 @@ def upload_limits(settings: Settings) -> UploadLimits:
     )
 
 
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_frames=settings.max_dicom_frames,
+    )
+
+
 async def decode_upload(
-    request: Request, pool: Executor, data: bytes, limits: ImageLimits, fields: TaskFields
+    request: Request, pool: Executor, upload: ImageUpload, limits: ImageLimits
 ) -> DecodedImage:
     """Decode in the preparation pool. If the request is abandoned meanwhile (its deadline passes, its
     client goes), the decoder is told, and stops at its next step instead of finishing for nobody."""
     cancellation = Cancellation()
-    decoding = asyncio.get_running_loop().run_in_executor(
+    decoding = in_pool(
         pool,
         partial(
-            decode_image, data, limits, frame=fields.frame, window=fields.window, cancellation=cancellation
+            decode_image,
+            upload.data,
+            limits,
+            frame=upload.frame,
+            window=upload.window,
+            cancellation=cancellation,
         ),
     )
     try:
@@ -186,9 +210,9 @@ def dicom_info(source: DicomSource | None) -> DicomInfo | None:
     )
 
 
-async def in_prepare_pool(request: Request, work: Callable[[], T]) -> T:
-    """Run CPU work (building a report, say) on the threads that decode and prepare uploads."""
-    return await asyncio.get_running_loop().run_in_executor(get_running(request).prepare_pool, work)
+async def in_pool(pool: Executor, work: Callable[[], T]) -> T:
+    """Run CPU work (decoding, preparing, building a report) on the threads that prepare uploads."""
+    return await asyncio.get_running_loop().run_in_executor(pool, work)
 
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:

@@ -1,34 +1,30 @@
-"""POST /vqa, /report and /ground: one route per task, each a prompt, a shared pipeline and a parser."""
+"""One POST route per task (`app/tasks/`): /vqa, /report, /ground, each answering JSON, a stream of
+Server-Sent Events, or a DICOM Structured Report."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import time
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
 
 from app.api.auth import require_api_key
-from app.api.deps import get_service
+from app.api.deps import get_running
+from app.api.errors import ApiError
 from app.api.middleware import request_record
-from app.api.negotiation import DICOM, wants_dicom
+from app.api.negotiation import DICOM, representation
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
-from app.api.pipeline import TaskRun, in_prepare_pool, run_task
-from app.api.uploads import FieldsT
-from app.imaging import DicomSource
-from app.outputs.dicom_sr import Author, grounding_report, radiology_report, vqa_report
-from app.schemas import (
-    GroundFields,
-    GroundResponse,
-    ReportFields,
-    ReportResponse,
-    VqaFields,
-    VqaResponse,
-)
-from app.tasks.ground import ground_prompt, parse_findings
-from app.tasks.report import parse_report, report_prompt
-from app.tasks.vqa import parse_answer, vqa_prompt
-
-TASK_FIELDS = (VqaFields, ReportFields, GroundFields)
+from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
+from app.api.streaming import TextStream, event_stream, task_events
+from app.api.uploads import read_task_upload
+from app.engine.protocol import Completed
+from app.imaging import DecodedImage
+from app.outputs.dicom_sr import Author, check_report_source, structured_report
+from app.schemas import TaskFields
+from app.tasks import TASKS
+from app.tasks.base import Reading, Task
 
 
 def count_as_task(request: Request) -> None:
@@ -57,94 +53,95 @@ RequestId = Annotated[
 ]
 
 
-@router.post(
-    "/vqa",
-    operation_id="vqa",
-    response_model=VqaResponse,
-    responses=TASK_ERROR_RESPONSES,
-    openapi_extra=task_request_body(VqaFields),
-    summary="Answer a clinical question about an image",
-)
-async def vqa(
-    request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> VqaResponse | Response:
-    as_dicom = wants_dicom(request.headers.get("accept"))
-    run = await run_task(
-        request, "vqa", VqaFields, vqa_prompt, x_request_timeout, dicom_source_required=as_dicom
-    )
-    answer = parse_answer(run.generation.text)
-    if as_dicom:
-        return await structured_report(
-            request, run, lambda source, author: vqa_report(source, author, run.fields.question, answer)
-        )
-    return VqaResponse(**run.envelope(), answer=answer)
+def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Response]]:
+    async def endpoint(
+        request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
+    ) -> Response:
+        arrived = time.monotonic()
+        wanted = representation(request.headers.get("accept"))
+        running = get_running(request)
+        settings = running.service.settings
+        running.engine.check_admission()
+        async with deadline(request, x_request_timeout) as deadline_s:
+            with running.service.uploads.take():
+                upload = await read_task_upload(request, task.fields, upload_limits(settings))
+            fields: TaskFields = upload.fields
+            streaming = wanted == "events" or bool(fields.stream)
+            if streaming and wanted == "dicom":
+                raise ApiError(
+                    406, "not_acceptable", "a Structured Report cannot be streamed: leave out stream"
+                )
+            prompt = task.prompt(fields, settings.box_convention)
+            submitted = await submit(
+                request,
+                arrived=arrived,
+                group=task.name,
+                upload=ImageUpload(upload.image, fields.frame, fields.window),
+                max_new_tokens=fields.max_new_tokens,
+                conversation=lambda image: running.runtime.messages(image.picture, prompt),
+                deadline_s=deadline_s,
+                deltas=streaming,
+                check_image=check_report_source_of if wanted == "dicom" else None,
+            )
+            reading = Reading(
+                settings.box_convention, submitted.prepared.model_input_size, submitted.image_size
+            )
+
+            def result(completed: Completed) -> dict[str, Any]:
+                submitted.finished(completed, task.name)
+                parsed = task.parse(completed.generation.text, reading)
+                answer = task.answer(parsed, completed.generation.text, reading)
+                return task.response(**submitted.envelope(completed), **answer).model_dump(mode="json")
+
+            if streaming:
+                return event_stream(task_events(TextStream(submitted, task.name), result), submitted)
+            completed = await collect(request, submitted)
+        if wanted == "dicom":
+            submitted.finished(completed, task.name)
+            return await report_response(task, fields, submitted, completed, reading)
+        return JSONResponse(result(completed))
+
+    endpoint.__name__ = task.name
+    return endpoint
 
 
-@router.post(
-    "/report",
-    operation_id="report",
-    response_model=ReportResponse,
-    responses=TASK_ERROR_RESPONSES,
-    openapi_extra=task_request_body(ReportFields),
-    summary="Write a radiology report (findings and impression) for an image",
-)
-async def report(
-    request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> ReportResponse | Response:
-    as_dicom = wants_dicom(request.headers.get("accept"))
-    run = await run_task(
-        request, "report", ReportFields, report_prompt, x_request_timeout, dicom_source_required=as_dicom
-    )
-    parsed = parse_report(run.generation.text)
-    if as_dicom:
-        return await structured_report(
-            request,
-            run,
-            lambda source, author: radiology_report(source, author, parsed, run.fields.indication),
-        )
-    return ReportResponse(**run.envelope(), report=parsed)
+def check_report_source_of(image: DecodedImage) -> None:
+    """Refuse, before the model runs, an image a Structured Report cannot answer."""
+    if image.dicom is None:
+        raise ApiError(406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image")
+    check_report_source(image.dicom)  # 422 before any inference, not a 500 after it
 
 
-@router.post(
-    "/ground",
-    operation_id="ground",
-    response_model=GroundResponse,
-    responses=TASK_ERROR_RESPONSES,
-    openapi_extra=task_request_body(GroundFields),
-    summary="Find and box abnormalities (or a named target) in an image",
-)
-async def ground(
-    request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
-) -> GroundResponse | Response:
-    as_dicom = wants_dicom(request.headers.get("accept"))
-    convention = get_service(request).settings.box_convention
-    run = await run_task(
-        request,
-        "ground",
-        GroundFields,
-        lambda fields: ground_prompt(fields, convention),
-        x_request_timeout,
-        dicom_source_required=as_dicom,
-    )
-    findings = parse_findings(run.generation.text, convention, run.model_input_size, run.image_size)
-    if as_dicom:
-        return await structured_report(
-            request, run, lambda source, author: grounding_report(source, author, findings, run.fields.target)
-        )
-    return GroundResponse(
-        **run.envelope(), findings=findings, box_convention=convention, raw_text=run.generation.text
-    )
-
-
-async def structured_report(
-    request: Request, run: TaskRun[FieldsT], build: Callable[[DicomSource, Author], bytes]
+async def report_response(
+    task: Task[Any, Any], fields: TaskFields, submitted: Submitted, completed: Completed, reading: Reading
 ) -> Response:
     """The result as a DICOM Structured Report in the source's study, built off the event loop."""
-    source = run.image.dicom
-    assert source is not None  # run_task refused non-DICOM uploads when a report was asked for
-    author = Author(model=run.model, revision=run.revision)
-    document = await in_prepare_pool(request, lambda: build(source, author))
-    filename = f"medmo-{run.request_id}.dcm"
+    source = submitted.image.dicom
+    assert source is not None  # check_report_source_of refused the rest before the model ran
+    description = submitted.running.runtime.description
+    author = Author(model=description.model, revision=description.revision)
+    parsed = task.parse(completed.generation.text, reading)
+
+    def build() -> bytes:
+        return structured_report(
+            source, author, task.report_content(fields, parsed, source), task.report_title
+        )
+
+    document = await in_pool(submitted.running.prepare_pool, build)
+    filename = f"medmo-{submitted.record.request_id}.dcm"
     return Response(
         document, media_type=DICOM, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
+    )
+
+
+for _task in TASKS.values():
+    router.add_api_route(
+        f"/{_task.name}",
+        task_endpoint(_task),
+        methods=["POST"],
+        operation_id=_task.name,
+        response_model=_task.response,
+        responses=TASK_ERROR_RESPONSES,
+        openapi_extra=task_request_body(_task.fields),
+        summary=_task.summary,
     )

@@ -53,12 +53,10 @@ from pydicom.valuerep import DA, TM, PersonName
 from app import __version__
 from app.imaging import DicomSource
 from app.imaging.fence import raised_by_this_service
-from app.schemas import GroundedFinding, Report
 
 DIAGNOSTIC_IMAGING_REPORT = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
 SERIES_NUMBER = 9900  # high, so AI results sort after the acquired series in viewers
 MANUFACTURER = "MedMO Serve"
-UNLABELLED = "Unnamed finding"
 
 # Type 1 attributes of the source the report cannot do without, and what each is for.
 _REQUIRED_UIDS = {
@@ -118,48 +116,44 @@ class Author:
         return self.model if self.revision is None else f"{self.model}@{self.revision}"
 
 
-def vqa_report(source: DicomSource, author: Author, question: str, answer: str) -> bytes:
-    findings = _container(codes.DCM.Findings, [_text(codes.DCM.Finding, answer)])
-    return _document(source, author, [_text(codes.DCM.Request, question), findings], "VQA")
+# --- building blocks for the tasks' content (each task declares its own, `app/tasks/`) ---
 
 
-def radiology_report(source: DicomSource, author: Author, report: Report, indication: str | None) -> bytes:
-    items: list[hd.sr.ContentItem] = []
-    if indication:
-        items.append(_text(codes.DCM.IndicationsForProcedure, indication))
-    items.append(_container(codes.DCM.Findings, [_text(codes.DCM.Finding, report.findings or report.text)]))
-    if report.impression:
-        items.append(_container(codes.DCM.Impressions, [_text(codes.DCM.Impression, report.impression)]))
-    return _document(source, author, items, "report")
+def text_item(name: hd.sr.CodedConcept | object, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name,  # type: ignore[arg-type]
+        value=value,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
 
 
-def grounding_report(
-    source: DicomSource, author: Author, findings: Sequence[GroundedFinding], target: str | None
-) -> bytes:
-    entries = []
-    for finding in findings:
-        entry = _text(codes.DCM.Finding, finding.label or target or UNLABELLED)
-        entry.ContentSequence = hd.sr.ContentSequence([_region(source, finding)])
-        entries.append(entry)
-    return _document(source, author, [_container(codes.DCM.Findings, entries)], "grounding")
+def container_item(name: object, children: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(
+        name=name,  # type: ignore[arg-type]
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(list(children))
+    return container
 
 
-def _region(source: DicomSource, finding: GroundedFinding) -> hd.sr.ScoordContentItem:
-    box = finding.box_px
-    corners = np.array(
-        [
-            [box.x_min, box.y_min],
-            [box.x_max, box.y_min],
-            [box.x_max, box.y_max],
-            [box.x_min, box.y_max],
-            [box.x_min, box.y_min],
-        ],
-        dtype=np.float64,
+def boxed_finding(
+    source: DicomSource, label: str, corners: tuple[float, float, float, float]
+) -> hd.sr.TextContentItem:
+    """A finding inferred from a box on the source image: (x_min, y_min, x_max, y_max) in its pixels."""
+    entry = text_item(codes.DCM.Finding, label)
+    entry.ContentSequence = hd.sr.ContentSequence([_region(source, corners)])
+    return entry
+
+
+def _region(source: DicomSource, corners: tuple[float, float, float, float]) -> hd.sr.ScoordContentItem:
+    x_min, y_min, x_max, y_max = corners
+    polyline = np.array(
+        [[x_min, y_min], [x_max, y_min], [x_max, y_max], [x_min, y_max], [x_min, y_min]], dtype=np.float64
     )
     region = hd.sr.ScoordContentItem(
         name=codes.DCM.ImageRegion,
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=corners,
+        graphic_data=polyline,
         relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
     )
     image = hd.sr.ImageContentItem(
@@ -171,6 +165,13 @@ def _region(source: DicomSource, finding: GroundedFinding) -> hd.sr.ScoordConten
     )
     region.ContentSequence = hd.sr.ContentSequence([image])
     return region
+
+
+def structured_report(
+    source: DicomSource, author: Author, items: Sequence[hd.sr.ContentItem], title: str
+) -> bytes:
+    """A Comprehensive SR holding `items`, in the source's patient and study, as a DICOM Part 10 file."""
+    return _document(source, author, items, title)
 
 
 def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.ContentItem], task: str) -> bytes:
@@ -267,20 +268,3 @@ _TYPE_2_CHECKS: dict[str, Callable[[object], bool]] = {
     "ReferringPhysicianName": lambda value: isinstance(value, (str, PersonName)),
 }
 _TRIAL_AUTHOR = Author(model="trial", revision=None)
-
-
-def _text(name: hd.sr.CodedConcept | object, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(
-        name=name,  # type: ignore[arg-type]
-        value=value,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-
-
-def _container(name: object, children: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(
-        name=name,  # type: ignore[arg-type]
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    container.ContentSequence = hd.sr.ContentSequence(list(children))
-    return container

@@ -10,14 +10,80 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from app.schemas import Box, GroundedFinding, GroundFields
-from app.settings import BoxConvention
+import highdicom as hd
+from pydantic import BaseModel, Field
+from pydicom.sr.codedict import codes
+
+from app.imaging import DicomSource
+from app.outputs.dicom_sr import boxed_finding, container_item
+from app.schemas import BoxConvention, TaskFields, TaskResponse
+from app.tasks.base import Reading, Task
 from app.tasks.text import strip_wrappers
 
 ALL_ABNORMALITIES = "any visible diseases or abnormalities"
+UNLABELLED = "Unnamed finding"
+
+
+class GroundFields(TaskFields):
+    target: str | None = Field(
+        None,
+        max_length=500,
+        description="What to find and box. Default: all visible abnormalities.",
+        examples=["pleural effusion"],
+    )
+    modality: str | None = Field(
+        None, max_length=64, description="Imaging modality, if known.", examples=["X-ray"]
+    )
+
+
+class Box(BaseModel):
+    x_min: float = Field(description="Left edge.", examples=[0.157])
+    y_min: float = Field(description="Top edge.", examples=[0.645])
+    x_max: float = Field(description="Right edge.", examples=[0.233])
+    y_max: float = Field(description="Bottom edge.", examples=[0.759])
+
+
+class GroundedFinding(BaseModel):
+    label: str | None = Field(
+        description="What the model says is there; null if it gave no name.", examples=["Fractures"]
+    )
+    box: Box = Field(
+        description="Corners as fractions, 0 to 1, of the uploaded image's width and height.",
+        examples=[{"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759}],
+    )
+    box_px: Box = Field(
+        description="The same corners in the uploaded image's pixels.",
+        examples=[{"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0}],
+    )
+
+
+class GroundResponse(TaskResponse):
+    task: Literal["ground"] = Field("ground", description="The task that answered.", examples=["ground"])
+    findings: list[GroundedFinding] = Field(
+        description="Every box the model drew, in the order it wrote them.",
+        examples=[
+            [
+                {
+                    "label": "Fractures",
+                    "box": {"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759},
+                    "box_px": {"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0},
+                }
+            ]
+        ],
+    )
+    box_convention: BoxConvention = Field(
+        description="How the model's coordinates were read: pixel (absolute pixels of the image the model saw) "
+        "or rel1000 (0-1000 scale).",
+        examples=["pixel"],
+    )
+    raw_text: str = Field(
+        description="The model's output exactly as written.",
+        examples=["Fractures <box>[[156, 516, 231, 607]]</box>"],
+    )
 
 
 def ground_prompt(fields: GroundFields, convention: BoxConvention) -> str:
@@ -204,3 +270,37 @@ def parse_findings(
 
 def _clamp(value: float) -> float:
     return min(1.0, max(0.0, value))
+
+
+class Grounding(Task[GroundFields, list[GroundedFinding]]):
+    name = "ground"
+    summary = "Find and box abnormalities (or a named target) in an image"
+    fields = GroundFields
+    response = GroundResponse
+    default_max_new_tokens = 512
+    report_title = "grounding"
+
+    def prompt(self, fields: GroundFields, box_convention: BoxConvention) -> str:
+        return ground_prompt(fields, box_convention)
+
+    def parse(self, text: str, reading: Reading) -> list[GroundedFinding]:
+        return parse_findings(text, reading.box_convention, reading.model_input_size, reading.image_size)
+
+    def answer(self, parsed: list[GroundedFinding], text: str, reading: Reading) -> dict[str, Any]:
+        return {"findings": parsed, "box_convention": reading.box_convention, "raw_text": text}
+
+    def report_content(
+        self, fields: GroundFields, parsed: list[GroundedFinding], source: DicomSource
+    ) -> Sequence[hd.sr.ContentItem]:
+        entries = [
+            boxed_finding(
+                source,
+                finding.label or fields.target or UNLABELLED,
+                (finding.box_px.x_min, finding.box_px.y_min, finding.box_px.x_max, finding.box_px.y_max),
+            )
+            for finding in parsed
+        ]
+        return [container_item(codes.DCM.Findings, entries)]
+
+
+GROUND = Grounding()

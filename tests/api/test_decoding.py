@@ -14,9 +14,8 @@ from starlette.types import Message
 
 import app.api.pipeline
 from app.api.errors import ApiError
-from app.api.pipeline import decode_upload
+from app.api.pipeline import ImageUpload, decode_upload
 from app.imaging import Cancellation, DecodedImage, DecodingCancelledError, ImageLimits
-from app.schemas import VqaFields
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)
 
@@ -76,10 +75,10 @@ async def test_a_deadline_that_passes_mid_decode_stops_the_decoder(
     decoder: DecoderThatWaitsToBeStopped, pool: ThreadPoolExecutor
 ) -> None:
     request = request_whose_client(asyncio.Event())  # the client stays
-    decoding = asyncio.ensure_future(decode_upload(request, pool, b"bytes", LIMITS, VqaFields(question="q")))
+    decoding = asyncio.ensure_future(decode_upload(request, pool, ImageUpload(b"bytes"), LIMITS))
     assert await asyncio.to_thread(decoder.started.wait, 10)
     with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.01):  # the request's deadline, as run_task sets it
+        async with asyncio.timeout(0.01):  # the request's deadline, as the routes set it
             await decoding
     assert await asyncio.to_thread(decoder.stopped.wait, 10)
     assert decoder.cancellations[0].cancelled
@@ -90,7 +89,7 @@ async def test_a_client_that_leaves_mid_decode_stops_the_decoder(
 ) -> None:
     disconnects = asyncio.Event()
     decoding = asyncio.ensure_future(
-        decode_upload(request_whose_client(disconnects), pool, b"bytes", LIMITS, VqaFields(question="q"))
+        decode_upload(request_whose_client(disconnects), pool, ImageUpload(b"bytes"), LIMITS)
     )
     assert await asyncio.to_thread(decoder.started.wait, 10)
     disconnects.set()

@@ -107,14 +107,18 @@ def test_uploads_are_binary_for_either_generation_of_generators(schema: dict[str
         assert body["application/dicom"]["schema"]["contentMediaType"] == "application/dicom"
 
 
-def test_a_task_answers_json_first_and_documents_the_dicom_alternative(schema: dict[str, Any]) -> None:
+def test_a_task_answers_json_first_and_documents_the_dicom_and_stream_alternatives(
+    schema: dict[str, Any],
+) -> None:
     # The snapshot sorts keys, so it cannot show this order.
     for path in TASKS:
         ok = schema["paths"][path]["post"]["responses"]["200"]
-        assert list(ok["content"]) == ["application/json", "application/dicom"]
+        assert list(ok["content"]) == ["application/json", "application/dicom", "text/event-stream"]
         assert ok["content"]["application/json"]["schema"]["$ref"].endswith("Response")
         assert ok["content"]["application/dicom"]["schema"]["contentMediaType"] == "application/dicom"
+        assert ok["content"]["text/event-stream"]["schema"]["type"] == "string"
         assert "Accept: application/dicom" in ok["description"]
+        assert "Accept: text/event-stream" in ok["description"]
 
 
 def test_optional_request_fields_have_no_null_default(schema: dict[str, Any]) -> None:

@@ -10,15 +10,10 @@ import pytest
 from pydicom.data import get_testdata_files
 
 from app.imaging import DicomSource, ImageError, ImageLimits, decode_image
-from app.outputs.dicom_sr import (
-    Author,
-    ReportSourceError,
-    check_report_source,
-    grounding_report,
-    radiology_report,
-    vqa_report,
-)
-from app.schemas import Box, GroundedFinding, Report
+from app.outputs.dicom_sr import Author, ReportSourceError, check_report_source, structured_report
+from app.tasks.ground import GROUND, Box, GroundedFinding, GroundFields
+from app.tasks.report import REPORT, Report, ReportFields
+from app.tasks.vqa import VQA, VqaFields
 from tests.conftest import pydicom_file
 from tests.corpus import MIB, part10, synthetic_ct
 
@@ -53,11 +48,13 @@ def source_of(data: bytes) -> DicomSource:
 def every_report(source: DicomSource) -> list[bytes]:
     box = Box(x_min=1, y_min=1, x_max=9, y_max=9)
     finding = GroundedFinding(label="Nodule", box=Box(x_min=0.1, y_min=0.1, x_max=0.2, y_max=0.2), box_px=box)
-    return [
-        vqa_report(source, AUTHOR, "Any mass?", "No."),
-        radiology_report(source, AUTHOR, Report(findings="Clear.", impression="Normal.", text="t"), "cough"),
-        grounding_report(source, AUTHOR, [finding], None),
+    report = Report(findings="Clear.", impression="Normal.", text="t")
+    contents = [
+        (VQA, VQA.report_content(VqaFields(question="Any mass?"), "No.", source)),
+        (REPORT, REPORT.report_content(ReportFields(indication="cough"), report, source)),
+        (GROUND, GROUND.report_content(GroundFields(), [finding], source)),
     ]
+    return [structured_report(source, AUTHOR, content, task.report_title) for task, content in contents]
 
 
 @pytest.mark.parametrize("name", IMAGES)

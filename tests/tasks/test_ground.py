@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.schemas import GroundFields
-from app.tasks.ground import RawBox, extract_boxes, ground_prompt, normalize_box, parse_findings
+from app.tasks.ground import GroundFields, RawBox, extract_boxes, ground_prompt, normalize_box, parse_findings
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.schemas import ReportFields
-from app.tasks.report import parse_report, report_prompt
+from app.tasks.report import ReportFields, parse_report, report_prompt
 
 
 def test_findings_blank_line_impression_as_medmo_was_trained() -> None:
