@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import ops, tasks
+from app.api import chat, ops, tasks
 from app.api.deps import Service
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
@@ -52,6 +52,7 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        body_models=(chat.ChatCompletionRequest,),
         # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,
@@ -62,6 +63,7 @@ def create_app(
     app.state.engine_factory = engine_factory
     install_error_handlers(app)
     app.include_router(tasks.router)
+    app.include_router(chat.router)
     app.include_router(ops.probes)
     app.include_router(ops.router)
     install_docs(app)

@@ -52,6 +52,12 @@ class _Settings(BaseSettings):
         ge=32 * 32,
         description="Largest image area fed to the model (MedMO trained at 1280x1280).",
     )
+    chat_max_new_tokens: int = Field(
+        1024,
+        ge=1,
+        le=8192,
+        description="Generation limit for /v1/chat/completions; max_tokens may ask for fewer.",
+    )
     box_convention: BoxConvention = Field(
         "pixel",
         description="How the model writes boxes: pixel = absolute pixels of the model's input image (MedMO); "
@@ -185,7 +191,7 @@ class _Settings(BaseSettings):
             raise ValueError(
                 f"MEDMO_MIN_PIXELS ({self.min_pixels}) is larger than MEDMO_MAX_PIXELS ({self.max_pixels})"
             )
-        longest_answer = max(self.max_new_tokens(task) for task in TASKS)
+        longest_answer = max(self.chat_max_new_tokens, *(self.max_new_tokens(task) for task in TASKS))
         image_tokens = self.max_pixels // (32 * 32)
         if (
             self.engine == "continuous"

@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from app.api.negotiation import DICOM, EVENTS
 from app.schemas import ErrorResponse, TaskFields
@@ -156,6 +157,11 @@ TAGS = [
         "Accept asks for application/dicom.",
     },
     {
+        "name": "openai",
+        "description": "OpenAI-compatible chat completions about one image (a data: URI), for the openai SDKs "
+        "and the tools built on them. Errors here are in OpenAI's shape.",
+    },
+    {
         "name": "operations",
         "description": "Liveness and readiness probes (never a key), the model and limits in force, "
         "and Prometheus metrics.",
@@ -167,8 +173,10 @@ LICENSE = {"name": "Apache-2.0", "identifier": "Apache-2.0"}
 class MedmoAPI(FastAPI):
     """FastAPI with the task request bodies, servers, tags and licence in the generated schema."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, body_models: tuple[type[BaseModel], ...] = (), **kwargs: Any) -> None:
+        """`body_models`: request bodies that routes read themselves (within limits), named in the schema."""
         super().__init__(servers=SERVERS, openapi_tags=TAGS, license_info=LICENSE, **kwargs)
+        self.body_models = body_models
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema:
@@ -188,5 +196,9 @@ class MedmoAPI(FastAPI):
             components.update(task_body_schemas(fields_model))
             nested = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(nested.get("$defs", {}))
+        for model in self.body_models:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
         self.openapi_schema = schema
         return schema

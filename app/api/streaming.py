@@ -41,11 +41,13 @@ class TextStream:
         self.detokenizer = Detokenizer(submitted.running.runtime.decode)
         self.first_text_at: float | None = None
         self.completed: Completed | None = None
+        self.tokens = 0  # generated so far
 
     async def deltas(self) -> AsyncIterator[str]:
         """New text as it comes; at the end, whatever the whole answer adds. Sets `completed`."""
         async for event in self.submitted.events:
             if isinstance(event, TokenDelta):
+                self.tokens += len(event.token_ids)
                 text = self.detokenizer.push(event.token_ids)
             else:
                 self.completed = event

@@ -97,7 +97,7 @@ async def read_task_upload(
     if media_type == "multipart/form-data":
         return await _read_multipart(request, fields_model, _Body(request, limit, limits))
     if media_type == "application/json" or media_type.endswith("+json"):
-        return await _read_json(request, fields_model, _Body(request, limit, limits))
+        return await _read_json(request, fields_model, limits)
     if media_type == DICOM_MEDIA_TYPE:
         return await _read_dicom(request, fields_model, _Body(request, limits.max_image_bytes, limits))
     raise ApiError(
@@ -209,9 +209,9 @@ async def _read_multipart(request: Request, fields_model: type[FieldsT], body: _
     return TaskUpload(fields=fields, image=image)
 
 
-async def _read_json(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
-    _reject_query_fields(request)
-    text = await body.read()
+async def read_json_object(request: Request, limits: UploadLimits) -> dict[str, Any]:
+    """A JSON object body, read within the limits; a key given twice is refused, not silently dropped."""
+    text = await _Body(request, body_limit(limits.max_image_bytes), limits).read()
     if not text.strip():
         raise ApiError(400, "bad_request", "the request body is empty")
     try:
@@ -222,6 +222,14 @@ async def _read_json(request: Request, fields_model: type[FieldsT], body: _Body)
         raise ApiError(422, "invalid_request", f"{exc.key[:64]}: given more than once") from None
     if not isinstance(document, dict):
         raise ApiError(422, "invalid_request", "the request body must be a JSON object")
+    return document
+
+
+async def _read_json(
+    request: Request, fields_model: type[FieldsT], limits: UploadLimits
+) -> TaskUpload[FieldsT]:
+    _reject_query_fields(request)
+    document = await read_json_object(request, limits)
     encoded = document.pop(IMAGE_FIELD, None)
     # JSON carries typed values: they must be of the field's type, not merely convertible to it.
     fields = _validate_fields(fields_model, document, strict=True)

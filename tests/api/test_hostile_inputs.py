@@ -46,6 +46,7 @@ def hostile_server(
         "MEDMO_VQA_MAX_NEW_TOKENS": "2",
         "MEDMO_REPORT_MAX_NEW_TOKENS": "2",
         "MEDMO_GROUND_MAX_NEW_TOKENS": "2",
+        "MEDMO_CHAT_MAX_NEW_TOKENS": "2",
         "MEDMO_MAX_CONTEXT": "1024",
     }
     with serve(random_checkpoint, tmp_path_factory.mktemp("hostile") / "server.log", env=env) as server:

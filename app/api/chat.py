@@ -1,0 +1,492 @@
+"""OpenAI-compatible chat: POST /v1/chat/completions and GET /v1/models.
+
+The protocol the largest ecosystem of vision-language clients speaks (the `openai` SDKs, LangChain, chat
+front-ends, evaluation harnesses), for what MedMO can do: a conversation holding one image, given as a
+`data:` URI (base64 PNG, JPEG or DICOM; the service never fetches a URL), answered greedily, whole or
+streamed in OpenAI's chunk format. A parameter MedMO cannot honour is refused in OpenAI's error shape,
+never ignored. The same keys (Bearer), admission, limits and deadlines apply as on the task routes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.api.auth import require_api_key
+from app.api.deps import get_running
+from app.api.errors import ApiError, Failure, classify, openai_error
+from app.api.middleware import request_record
+from app.api.negotiation import EVENTS
+from app.api.pipeline import ImageUpload, Submitted, deadline, submit, upload_limits
+from app.api.streaming import TextStream, event_stream, sse
+from app.api.uploads import decode_base64_image, read_json_object
+from app.engine.protocol import Completed
+from app.imaging import DecodedImage
+
+GROUP = "chat"
+MAX_STOP_SEQUENCES = 4
+
+
+def count_as_chat(request: Request) -> None:
+    request_record(request).task = GROUP
+
+
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(count_as_chat), Depends(require_api_key)]
+)
+
+
+# --- the request, as OpenAI defines it, narrowed to what MedMO does ---
+
+
+_EXAMPLE_URI = "data:image/png;base64,iVBORw0KGgo..."
+_UID = "chatcmpl-5d0c3a0e9b8f4c2a8f1e2b7d6c5a4f3e"
+
+
+class ImageUrl(BaseModel):
+    url: str = Field(
+        description="A data: URI holding the image (base64 PNG, JPEG or DICOM); URLs are refused.",
+        examples=[_EXAMPLE_URI],
+    )
+    detail: Literal["auto", "low", "high"] | None = Field(
+        None, description="Accepted; MEDMO_MAX_PIXELS decides the resolution.", examples=["auto"]
+    )
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = Field(description="A text part.", examples=["text"])
+    text: str = Field(description="The text.", examples=["Is there a pleural effusion?"])
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"] = Field(description="An image part.", examples=["image_url"])
+    image_url: ImageUrl = Field(description="The image.", examples=[{"url": _EXAMPLE_URI}])
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="Who speaks; developer counts as system.", examples=["user"]
+    )
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] = Field(
+        description="Text, or text and image parts.",
+        examples=[
+            [{"type": "image_url", "image_url": {"url": _EXAMPLE_URI}}, {"type": "text", "text": "Effusion?"}]
+        ],
+    )
+    name: str | None = Field(None, description="Accepted.", examples=["radiologist"])
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="A last chunk with the token counts.", examples=[True])
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request. Decoding is greedy: temperature 0 (or none), top_p 1, n 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="The served model's id, as /v1/models lists it.", examples=["MBZUAI/MedMO-8B-Next"]
+    )
+    messages: list[Message] = Field(
+        min_length=1,
+        description="The conversation; exactly one image in all.",
+        examples=[[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _EXAMPLE_URI}}]}]],
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens to generate (at most MEDMO_CHAT_MAX_NEW_TOKENS).", examples=[256]
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="The same as max_tokens, OpenAI's newer name.", examples=[256]
+    )
+    stream: bool | None = Field(
+        None, description="true: the answer as chunks, as it is written.", examples=[True]
+    )
+    stream_options: StreamOptions | None = Field(
+        None, description="With stream.", examples=[{"include_usage": True}]
+    )
+    stop: str | list[str] | None = Field(
+        None, description="Up to 4 sequences that end the answer; not included.", examples=[["\n\n"]]
+    )
+    temperature: float | None = Field(None, description="0 or absent: decoding is greedy.", examples=[0])
+    top_p: float | None = Field(None, description="1 or absent.", examples=[1])
+    n: int | None = Field(None, description="1 or absent.", examples=[1])
+    presence_penalty: float | None = Field(None, description="0 or absent.", examples=[0])
+    frequency_penalty: float | None = Field(None, description="0 or absent.", examples=[0])
+    logprobs: bool | None = Field(None, description="false or absent.", examples=[False])
+    seed: int | None = Field(
+        None, description="Accepted: greedy decoding gives the same answer anyway.", examples=[1]
+    )
+    user: str | None = Field(None, description="Accepted, and never logged.", examples=["reader-17"])
+
+
+# Parameters whose only values MedMO can honour are their neutral ones.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "temperature": (None, 0, 0.0),
+    "top_p": (None, 1, 1.0),
+    "n": (None, 1),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logprobs": (None, False),
+}
+
+
+# --- the answer ---
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = Field("assistant", description="Always assistant.", examples=["assistant"])
+    content: str = Field(description="MedMO's answer.", examples=["Yes, a small left pleural effusion."])
+
+
+class Choice(BaseModel):
+    index: int = Field(0, description="Always 0: one answer per request.", examples=[0])
+    message: ChatMessage = Field(
+        description="The answer.", examples=[{"role": "assistant", "content": "Yes."}]
+    )
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: the model ended its turn or wrote a stop sequence; length: max_tokens was reached.",
+        examples=["stop"],
+    )
+    logprobs: None = Field(None, description="Not provided.", examples=[None])
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens fed to the model, image tokens included.", examples=[320])
+    completion_tokens: int = Field(description="Tokens generated.", examples=[12])
+    total_tokens: int = Field(description="The two together.", examples=[332])
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="Identifier of this completion.", examples=[_UID])
+    object: Literal["chat.completion"] = Field(
+        "chat.completion", description="The type.", examples=["chat.completion"]
+    )
+    created: int = Field(description="Unix time of the request.", examples=[1795000000])
+    model: str = Field(description="The model that answered.", examples=["MBZUAI/MedMO-8B-Next"])
+    choices: list[Choice] = Field(
+        description="One answer.",
+        examples=[
+            [{"index": 0, "message": {"role": "assistant", "content": "Yes."}, "finish_reason": "stop"}]
+        ],
+    )
+    usage: CompletionUsage = Field(
+        description="Tokens in and out.",
+        examples=[{"prompt_tokens": 320, "completion_tokens": 2, "total_tokens": 322}],
+    )
+
+
+class ModelCard(BaseModel):
+    id: str = Field(
+        description="The model's id, for the model field of requests.", examples=["MBZUAI/MedMO-8B-Next"]
+    )
+    object: Literal["model"] = Field("model", description="The type.", examples=["model"])
+    created: int = Field(description="Unknown: 0.", examples=[0])
+    owned_by: str = Field(description="Who serves it.", examples=["medmo-serve"])
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field("list", description="The type.", examples=["list"])
+    data: list[ModelCard] = Field(
+        description="The model served.",
+        examples=[
+            [{"id": "MBZUAI/MedMO-8B-Next", "object": "model", "created": 0, "owned_by": "medmo-serve"}]
+        ],
+    )
+
+
+# --- routes ---
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(
+        description="What went wrong, for a person.", examples=["temperature: only 0 is supported"]
+    )
+    type: str = Field(description="OpenAI's error type.", examples=["invalid_request_error"])
+    param: str | None = Field(description="The parameter at fault, when known.", examples=[None])
+    code: str = Field(description="Stable machine-readable code.", examples=["unsupported_parameter"])
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail = Field(
+        description="OpenAI's error shape.",
+        examples=[
+            {"message": "n: only 1 is supported", "type": "invalid_request_error", "param": None, "code": "x"}
+        ],
+    )
+
+
+CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": description}
+    for status, description in {
+        400: "Invalid or unsupported request.",
+        401: "A valid API key is required.",
+        404: "No such model.",
+        413: "Body or image larger than allowed.",
+        415: "Image format not supported.",
+        422: "Invalid field or an image the model cannot use.",
+        429: "Queue full; retry after Retry-After seconds.",
+        503: "Not ready, shutting down, or the inference worker stopped.",
+        504: "The request's deadline passed first.",
+    }.items()
+}
+
+
+@router.get(
+    "/models",
+    operation_id="list_models",
+    response_model=ModelList,
+    responses={401: CHAT_ERRORS[401]},
+    summary="The model served",
+)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[served_model(request)])
+
+
+@router.post(
+    "/chat/completions",
+    operation_id="create_chat_completion",
+    response_model=ChatCompletion,
+    responses={
+        **CHAT_ERRORS,
+        200: {
+            "content": {EVENTS: {"schema": {"type": "string"}}},
+            "description": "The answer; with stream, chunks.",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
+            },
+        }
+    },
+    summary="Answer a conversation about one image (OpenAI-compatible)",
+)
+async def create_chat_completion(
+    request: Request,
+    x_request_timeout: Annotated[float | None, Header(alias="X-Request-Timeout", ge=1, le=86_400)] = None,
+) -> Response:
+    arrived = time.monotonic()
+    running = get_running(request)
+    running.engine.check_admission()
+    async with deadline(request, x_request_timeout) as deadline_s:
+        with running.service.uploads.take():
+            document = await read_json_object(request, upload_limits(running.service.settings))
+        chat = parse_request(document)
+        model = served_model(request)
+        if chat.model != model.id:
+            raise ApiError(
+                404, "model_not_found", f"the model {chat.model[:200]!r} is not served here; see /v1/models"
+            )
+        image, turns = conversation_parts(chat)
+        stops = stop_sequences(chat)
+        submitted = await submit(
+            request,
+            arrived=arrived,
+            group=GROUP,
+            upload=ImageUpload(image),
+            max_new_tokens=requested_tokens(chat, running.service.settings.chat_max_new_tokens),
+            conversation=lambda decoded: running.runtime.conversation(with_picture(turns, decoded)),
+            deadline_s=deadline_s,
+            deltas=True,
+        )
+        answer = Answer(submitted, stops)
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return event_stream(chunks(answer, model.id, include_usage), submitted)
+        text, reason = await answer.whole()
+    completion = ChatCompletion(
+        id=answer.id,
+        created=answer.created,
+        model=model.id,
+        choices=[Choice(message=ChatMessage(content=text), finish_reason=reason)],
+        usage=answer.usage(),
+    )
+    return JSONResponse(completion.model_dump(mode="json"))
+
+
+def served_model(request: Request) -> ModelCard:
+    description = get_running(request).runtime.description
+    return ModelCard(id=description.model, created=0, owned_by="medmo-serve")
+
+
+def parse_request(document: dict[str, Any]) -> ChatCompletionRequest:
+    try:
+        chat = ChatCompletionRequest.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ApiError(
+                400, "unsupported_parameter", f"{location}: not supported by this service"
+            ) from None
+        raise ApiError(400, "invalid_request", f"{location}: {first['msg']}") from None
+    for name, neutral in _NEUTRAL.items():
+        if getattr(chat, name) not in neutral:
+            raise ApiError(
+                400,
+                "unsupported_parameter",
+                f"{name}: only {neutral[1]!r} is supported: this service decodes greedily, one answer per request",
+            )
+    return chat
+
+
+Turn = tuple[str, list[str | None]]  # a role and its parts: text, or None where the image goes
+
+
+def conversation_parts(chat: ChatCompletionRequest) -> tuple[bytes, list[Turn]]:
+    """The one image's bytes, and the turns with a None where the image stands."""
+    image: bytes | None = None
+    turns: list[Turn] = []
+    for message in chat.messages:
+        role = "system" if message.role == "developer" else message.role
+        parts: list[str | None] = []
+        for part in (
+            [TextPart(type="text", text=message.content)]
+            if isinstance(message.content, str)
+            else message.content
+        ):
+            if isinstance(part, TextPart):
+                parts.append(part.text)
+                continue
+            if image is not None:
+                raise ApiError(400, "invalid_request", "messages: exactly one image per request")
+            if role != "user":
+                raise ApiError(400, "invalid_request", "messages: the image must be in a user message")
+            image = image_bytes(part.image_url.url)
+            parts.append(None)
+        turns.append((role, parts))
+    if image is None:
+        raise ApiError(400, "invalid_request", "messages: one image_url part is required (a data: URI)")
+    return image, turns
+
+
+def image_bytes(url: str) -> bytes:
+    if not url.startswith("data:"):
+        raise ApiError(
+            400,
+            "image_url_not_supported",
+            "image_url: send the image itself as a data: URI (data:image/png;base64,...): this service never "
+            "fetches URLs",
+        )
+    return decode_base64_image(url)
+
+
+def with_picture(turns: list[Turn], image: DecodedImage) -> list[tuple[str, list[Any]]]:
+    return [(role, [image.picture if part is None else part for part in parts]) for role, parts in turns]
+
+
+def requested_tokens(chat: ChatCompletionRequest, limit: int) -> int | None:
+    requested = chat.max_completion_tokens or chat.max_tokens
+    if requested is not None and requested > limit:
+        name = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
+        raise ApiError(
+            400, "invalid_request", f"{name}: at most {limit} on this server (MEDMO_CHAT_MAX_NEW_TOKENS)"
+        )
+    return requested
+
+
+def stop_sequences(chat: ChatCompletionRequest) -> list[str]:
+    stops = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
+        raise ApiError(400, "invalid_request", f"stop: up to {MAX_STOP_SEQUENCES} non-empty sequences")
+    return stops
+
+
+class Answer:
+    """The text of a submitted chat request as it is written, ended early at a stop sequence.
+
+    Text that could be the start of a stop sequence is held back until the next text settles it, so a
+    stop sequence is never sent, even in part.
+    """
+
+    def __init__(self, submitted: Submitted, stops: list[str]) -> None:
+        self.submitted = submitted
+        self.stops = stops
+        self.text = TextStream(submitted, GROUP)
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.finish_reason: Literal["stop", "length"] = "length"
+        self.completed: Completed | None = None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        pending = ""
+        try:
+            async for delta in self.text.deltas():
+                pending += delta
+                cut = self._stop_at(pending)
+                if cut is not None:
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    self.finish_reason = "stop"
+                    return
+                keep = self._undecided_tail(pending)
+                if len(pending) > keep:
+                    yield pending[: len(pending) - keep]
+                    pending = pending[len(pending) - keep :]
+            if pending:
+                yield pending
+            self.completed = self.text.completed
+            if self.completed is not None:
+                self.finish_reason = self.completed.generation.finish_reason
+                self.submitted.finished(self.completed, GROUP)
+        finally:
+            await self.submitted.events.aclose()  # a stop sequence ends the generation, too
+
+    async def whole(self) -> tuple[str, Literal["stop", "length"]]:
+        text = "".join([piece async for piece in self.pieces()])
+        return text, self.finish_reason
+
+    def usage(self) -> CompletionUsage:
+        prompt = self.submitted.prepared.prompt_tokens
+        written = self.text.tokens
+        return CompletionUsage(prompt_tokens=prompt, completion_tokens=written, total_tokens=prompt + written)
+
+    def _stop_at(self, text: str) -> int | None:
+        found = [text.find(stop) for stop in self.stops if stop in text]
+        return min(found) if found else None
+
+    def _undecided_tail(self, text: str) -> int:
+        """How many characters at the end could begin a stop sequence."""
+        longest = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if stop.startswith(text[-size:]):
+                    longest = max(longest, size)
+                    break
+        return longest
+
+
+async def chunks(answer: Answer, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI's chat.completion.chunk events, then [DONE]; a failure ends the stream in its error shape."""
+
+    def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return {
+            "id": answer.id,
+            "object": "chat.completion.chunk",
+            "created": answer.created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    try:
+        yield sse(None, chunk({"role": "assistant", "content": ""}, None))
+        async for piece in answer.pieces():
+            yield sse(None, chunk({"content": piece}, None))
+        yield sse(None, chunk({}, answer.finish_reason))
+        if include_usage:
+            usage = {**chunk({}, None), "choices": [], "usage": answer.usage().model_dump()}
+            yield sse(None, usage)
+    except Exception as exc:
+        failure: Failure = classify(exc)
+        answer.submitted.record.status = failure.status
+        yield sse(None, openai_error(failure))
+    yield sse(None, "[DONE]")

@@ -1,0 +1,196 @@
+"""The OpenAI-compatible endpoint, called with the real `openai` package against a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from bench.servers import RunningServer, serve
+from tests.conftest import README_GROUNDING_REPLY, png_bytes, pydicom_file
+
+KEY = "chat-client-key-of-enough-length"
+
+
+@pytest.fixture(scope="module")
+def chat_server(
+    reply_checkpoint: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    env = {"MEDMO_API_KEYS": KEY, "MEDMO_MAX_UPLOAD_BYTES": str(256 * 1024), "MEDMO_LOG_LEVEL": "debug"}
+    log = tmp_path_factory.mktemp("chat") / "server.log"
+    with serve(reply_checkpoint(README_GROUNDING_REPLY), log, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(chat_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai_client(chat_server) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model_id(client: openai.OpenAI) -> str:
+    return str(client.models.list().data[0].id)
+
+
+def openai_client(server: RunningServer, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def data_uri(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def conversation(
+    image_url: str, question: str = "Detect and localize all abnormalities in this image."
+) -> list:  # type: ignore[type-arg]
+    return [
+        {"role": "system", "content": "You are a medical imaging expert."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": question},
+            ],
+        },
+    ]
+
+
+def test_a_completion_with_a_base64_image_is_medmos_answer(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    completion = client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(png_bytes(200, 160))), max_tokens=16
+    )
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == README_GROUNDING_REPLY
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 2  # the reply, then the end of the turn
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 2
+
+
+def test_a_streamed_completion_arrives_in_chunks(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=conversation(data_uri(png_bytes(200, 160))),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == README_GROUNDING_REPLY
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "stop"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_a_dicom_image_in_a_data_uri(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    completion = client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(pydicom_file("CT_small.dcm"), "application/dicom"))
+    )
+    assert completion.choices[0].message.content == README_GROUNDING_REPLY
+
+
+def test_a_stop_sequence_ends_the_answer_before_it(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    whole = client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(png_bytes())), stop=["<box>"]
+    )
+    assert whole.choices[0].message.content == "Fractures "
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(png_bytes())), stop="<box>", stream=True
+    )
+    assert (
+        "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == "Fractures "
+    )
+
+
+def test_an_http_url_is_refused_not_fetched(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=model_id, messages=conversation("http://127.0.0.1:9/never-fetched.png")
+        )
+    assert "never fetches" in str(refused.value)
+    assert refused.value.code == "image_url_not_supported"
+
+
+def test_a_missing_key_is_the_sdks_authentication_error(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    with (
+        openai_client(chat_server, key="not-a-key-of-this-server") as stranger,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        stranger.chat.completions.create(model=model_id, messages=conversation(data_uri(png_bytes())))
+
+
+def test_an_oversized_image_is_a_413(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=model_id, messages=conversation(data_uri(b"\x89PNG" + bytes(512 * 1024)))
+        )
+    assert refused.value.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": 0.7}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+    ],
+)
+def test_what_medmo_cannot_honour_is_refused_never_ignored(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=model_id,
+            messages=conversation(data_uri(png_bytes())),
+            **extra,  # type: ignore[arg-type]
+        )
+    assert param in str(refused.value)
+
+
+def test_an_unknown_model_and_two_images(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=conversation(data_uri(png_bytes())))
+    two = conversation(data_uri(png_bytes()))
+    two[1]["content"].append({"type": "image_url", "image_url": {"url": data_uri(png_bytes())}})
+    with pytest.raises(openai.BadRequestError, match="exactly one image"):
+        client.chat.completions.create(model=model_id, messages=two)
+
+
+def test_chat_is_counted_and_logged_without_its_text(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    canary = "Canary question about patient Zebulon Quixote"
+    client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(png_bytes()), canary), user="zebulon-user-id"
+    )
+    metrics = httpx.get(f"{chat_server.url}/metrics", timeout=10).text
+    assert 'medmo_requests_total{status="200",task="chat"}' in metrics
+    log = chat_server.log()
+    assert "Zebulon" not in log
+    assert "zebulon-user-id" not in log
+    assert any(json.loads(line).get("task") == "chat" for line in log.splitlines() if line.startswith("{"))
