@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,13 @@ def metric(server: RunningServer, name: str) -> float:
     raise AssertionError(f"{name} is not exported")
 
 
+def wait_for(server: RunningServer, name: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(server, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.005)
+
+
 def test_text_arrives_as_it_is_written(slow_server: RunningServer) -> None:
     with httpx.Client(timeout=120) as client:
         began = time.monotonic()
@@ -199,3 +207,24 @@ def test_streamed_answers_are_timed_in_the_log_and_metrics(slow_server: RunningS
     text = httpx.get(f"{slow_server.url}/metrics", timeout=10).text
     assert 'medmo_stream_first_token_seconds_count{route="report"}' in text
     assert 'medmo_stream_tokens_per_second_count{route="report"}' in text
+
+
+def test_a_full_queue_is_a_plain_429_before_any_stream(slow_server: RunningServer) -> None:
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(stream_report, slow_server, client)  # holds the one slot
+        wait_for(slow_server, "medmo_running_requests", 1)
+        waiting = pool.submit(
+            client.post,
+            f"{slow_server.url}/vqa",
+            files={"image": ("a.png", png_bytes(), "image/png")},
+            data={"question": "q", "max_new_tokens": "2"},
+        )  # holds the one place in the queue
+        wait_for(slow_server, "medmo_queue_depth", 1)
+        refused = client.post(
+            f"{slow_server.url}/report", files={"image": ("a.png", png_bytes(), "image/png")}, headers=EVENTS
+        )
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/json"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert running.result()
+        assert waiting.result().status_code == 200
