@@ -14,7 +14,9 @@ BoxConvention = Literal["pixel", "rel1000"]
 # --- requests: the text fields of each task, shared by the multipart and the JSON encodings ---
 
 
-class TaskFields(BaseModel):
+class ImageFields(BaseModel):
+    """How to read the uploaded image: what every route that takes an image accepts."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     window: str | None = Field(
@@ -33,6 +35,11 @@ class TaskFields(BaseModel):
         description="DICOM only: the frame of a multi-frame object to read, 1 being the first. Default: the middle one.",
         examples=[12],
     )
+
+
+class TaskFields(ImageFields):
+    """What every task accepts besides the image and its own fields."""
+
     max_new_tokens: int | None = Field(
         None,
         ge=1,

@@ -1,5 +1,5 @@
-"""Which representation a client asked for with its Accept header: JSON, a DICOM Structured Report, or the
-answer streamed as Server-Sent Events."""
+"""Which representation a client asked for with its Accept header: JSON, the answer streamed as
+Server-Sent Events, a DICOM Structured Report or Presentation State, or the image with the findings drawn."""
 
 from __future__ import annotations
 
@@ -10,9 +10,20 @@ from app.api.errors import ApiError
 DICOM = "application/dicom"
 JSON = "application/json"
 EVENTS = "text/event-stream"
+PNG = "image/png"
+JPEG = "image/jpeg"
+# The DICOM object wanted is a media-type parameter: application/dicom; object=gsps.
+GSPS_PARAMETER = ("object", "gsps")
 
-Representation = Literal["json", "dicom", "events"]
-_BY_MEDIA_TYPE: dict[str, Representation] = {JSON: "json", DICOM: "dicom", EVENTS: "events"}
+Representation = Literal["json", "events", "dicom", "gsps", "png", "jpeg"]
+_BY_MEDIA_TYPE: dict[str, Representation] = {
+    JSON: "json",
+    EVENTS: "events",
+    DICOM: "dicom",
+    PNG: "png",
+    JPEG: "jpeg",
+}
+IMAGES: dict[Representation, str] = {"png": PNG, "jpeg": JPEG}
 
 
 def representation(accept: str | None) -> Representation:
@@ -23,24 +34,36 @@ def representation(accept: str | None) -> Representation:
     """
     if not accept or not accept.strip():
         return "json"
-    quality: dict[Representation, float] = {"json": 0.0, "dicom": 0.0, "events": 0.0}
+    quality: dict[Representation, float] = {}
     for entry in accept.split(","):
         media, *parameters = (part.strip() for part in entry.split(";"))
         media = media.lower()
         weight = _quality(parameters)
+        chosen: Representation | None = None
         if media in _BY_MEDIA_TYPE:
             chosen = _BY_MEDIA_TYPE[media]
-            quality[chosen] = max(quality[chosen], weight)
+            if chosen == "dicom" and GSPS_PARAMETER in _pairs(parameters):
+                chosen = "gsps"
         elif media in ("*/*", "application/*"):
-            quality["json"] = max(quality["json"], weight - 0.0001)
-    best = max(quality, key=lambda kind: (quality[kind], kind == "json"))
-    if quality[best] <= 0:
+            chosen, weight = "json", weight - 0.0001
+        if chosen is not None:
+            quality[chosen] = max(quality.get(chosen, 0.0), weight)
+    if not quality or max(quality.values()) <= 0:
         raise ApiError(
             406,
             "not_acceptable",
-            f"responses are {JSON}, {EVENTS} (the answer as it is written), or {DICOM} (a Structured Report)",
+            f"responses are {JSON}, {EVENTS} (the answer as it is written), {DICOM} (a Structured Report, or "
+            f"with object=gsps a Presentation State), or {PNG} / {JPEG} (the image with the findings drawn)",
         )
-    return best
+    return max(quality, key=lambda kind: (quality[kind], kind == "json"))
+
+
+def _pairs(parameters: list[str]) -> set[tuple[str, str]]:
+    pairs = set()
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        pairs.add((name.strip().lower(), value.strip().strip('"').lower()))
+    return pairs
 
 
 def _quality(parameters: list[str]) -> float:

@@ -22,9 +22,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from app.api.negotiation import DICOM, EVENTS
-from app.schemas import ErrorResponse, TaskFields
-from app.tasks import TASKS
+from app.api.negotiation import DICOM, EVENTS, JPEG, PNG
+from app.schemas import ErrorResponse, ImageFields
 
 _IMAGE_UPLOAD = {
     "type": "string",
@@ -35,6 +34,7 @@ _IMAGE_UPLOAD = {
     "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
 }
 _DICOM_FILE = {"type": "string", "format": "binary", "contentMediaType": DICOM}
+_PICTURE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
 _EVENT_STREAM = {
     "type": "string",
     "description": "Server-Sent Events: event delta, data {text}; then event result, data the JSON result; or "
@@ -57,7 +57,8 @@ TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body, image file or decoded image larger than allowed."},
     406: {
         "model": ErrorResponse,
-        "description": "Accept names neither JSON nor DICOM, or DICOM for a non-DICOM image.",
+        "description": "Accept names no representation this route gives (a picture from a route that draws "
+        "nothing, say), or DICOM for a non-DICOM image.",
     },
     415: {"model": ErrorResponse, "description": "Unsupported media type or image format."},
     422: {
@@ -78,14 +79,14 @@ TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _schema_names(fields_model: type[TaskFields]) -> tuple[str, str]:
+def _schema_names(fields_model: type[ImageFields]) -> tuple[str, str]:
     stem = fields_model.__name__.removesuffix("Fields")
     return f"{stem}Upload", f"{stem}Json"
 
 
-def task_request_body(fields_model: type[TaskFields]) -> dict[str, Any]:
-    """`openapi_extra` for a task route: the same fields as a multipart upload, as JSON, or as query
-    parameters beside a raw DICOM body; and a Structured Report as the alternative response."""
+def upload_request_body(fields_model: type[ImageFields]) -> dict[str, Any]:
+    """`openapi_extra` for a route that takes an image: the same fields as a multipart upload, as JSON, or
+    as query parameters beside a raw DICOM body."""
     upload, as_json = _schema_names(fields_model)
     fields = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
     query = [
@@ -111,23 +112,35 @@ def task_request_body(fields_model: type[TaskFields]) -> dict[str, Any]:
             },
         },
         "parameters": query,
-        # FastAPI writes the JSON body of the 200 from the route's response model; this adds the DICOM
-        # alternative after it. Each under its own media type: a client types the JSON path by asking
-        # for application/json (openapi-fetch: createClient<paths, "application/json">).
-        "responses": {
-            "200": {
-                "content": {DICOM: {"schema": _DICOM_FILE}, EVENTS: {"schema": _EVENT_STREAM}},
-                "description": "The task's JSON result. With Accept: application/dicom and a DICOM image, "
-                "a DICOM Comprehensive Structured Report in the source's study instead. With Accept: "
-                "text/event-stream (or stream=true), Server-Sent Events as the model writes: `delta` events "
-                '(data: {"text": "..."}), then one `result` event whose data is the JSON result, or one '
-                "`error` event whose data is the error shape.",
-            }
-        },
     }
 
 
-def task_body_schemas(fields_model: type[TaskFields]) -> dict[str, dict[str, Any]]:
+def task_request_body(fields_model: type[ImageFields], *, draws: bool) -> dict[str, Any]:
+    """`openapi_extra` for a task route: its upload, and the alternatives to its JSON answer."""
+    # FastAPI writes the JSON body of the 200 from the route's response model; this adds the alternatives
+    # after it. Each under its own media type: a client types the JSON path by asking for
+    # application/json (openapi-fetch: createClient<paths, "application/json">).
+    content: dict[str, Any] = {DICOM: {"schema": _DICOM_FILE}, EVENTS: {"schema": _EVENT_STREAM}}
+    description = (
+        "The task's JSON result. With Accept: application/dicom and a DICOM image, a DICOM Comprehensive "
+        "Structured Report in the source's study instead. With Accept: text/event-stream (or stream=true), "
+        'Server-Sent Events as the model writes: `delta` events (data: {"text": "..."}), then one `result` '
+        "event whose data is the JSON result, or one `error` event whose data is the error shape."
+    )
+    if draws:
+        content.update({PNG: {"schema": _PICTURE}, JPEG: {"schema": _PICTURE}})
+        description += (
+            " With Accept: image/png or image/jpeg, the image as displayed with the findings drawn. With "
+            "Accept: application/dicom; object=gsps and a DICOM image, a Grayscale Softcopy Presentation "
+            "State holding the boxes, for PACS viewers."
+        )
+    return {
+        **upload_request_body(fields_model),
+        "responses": {"200": {"content": content, "description": description}},
+    }
+
+
+def task_body_schemas(fields_model: type[ImageFields]) -> dict[str, dict[str, Any]]:
     fields = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas: dict[str, dict[str, Any]] = {}
     for name, image in zip(_schema_names(fields_model), (_IMAGE_UPLOAD, _IMAGE_BASE64), strict=True):
@@ -157,6 +170,11 @@ TAGS = [
         "Accept asks for application/dicom.",
     },
     {
+        "name": "viewer",
+        "description": "What the viewer page at / uses, and integrators too: an upload as the service "
+        "displays it, without running the model.",
+    },
+    {
         "name": "openai",
         "description": "OpenAI-compatible chat completions about one image (a data: URI), for the openai SDKs "
         "and the tools built on them. Errors here are in OpenAI's shape.",
@@ -173,9 +191,17 @@ LICENSE = {"name": "Apache-2.0", "identifier": "Apache-2.0"}
 class MedmoAPI(FastAPI):
     """FastAPI with the task request bodies, servers, tags and licence in the generated schema."""
 
-    def __init__(self, *, body_models: tuple[type[BaseModel], ...] = (), **kwargs: Any) -> None:
-        """`body_models`: request bodies that routes read themselves (within limits), named in the schema."""
+    def __init__(
+        self,
+        *,
+        upload_fields: tuple[type[ImageFields], ...] = (),
+        body_models: tuple[type[BaseModel], ...] = (),
+        **kwargs: Any,
+    ) -> None:
+        """Request bodies that routes read themselves (within limits), named in the schema: the fields of
+        image uploads (`upload_fields`, as multipart and JSON), and other JSON bodies (`body_models`)."""
         super().__init__(servers=SERVERS, openapi_tags=TAGS, license_info=LICENSE, **kwargs)
+        self.upload_fields = upload_fields
         self.body_models = body_models
 
     def openapi(self) -> dict[str, Any]:
@@ -192,7 +218,7 @@ class MedmoAPI(FastAPI):
             servers=self.servers,
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for fields_model in (task.fields for task in TASKS.values()):
+        for fields_model in self.upload_fields:
             components.update(task_body_schemas(fields_model))
             nested = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(nested.get("$defs", {}))

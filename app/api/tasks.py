@@ -14,14 +14,16 @@ from app.api.auth import require_api_key
 from app.api.deps import get_running
 from app.api.errors import ApiError
 from app.api.middleware import request_record
-from app.api.negotiation import DICOM, representation
+from app.api.negotiation import DICOM, IMAGES, Representation, representation
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
 from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
 from app.api.streaming import TextStream, event_stream, task_events
 from app.api.uploads import read_task_upload
 from app.engine.protocol import Completed
 from app.imaging import DecodedImage
+from app.outputs import overlay
 from app.outputs.dicom_sr import Author, check_report_source, structured_report
+from app.outputs.gsps import check_presentation_source, presentation_state
 from app.schemas import TaskFields
 from app.tasks import TASKS
 from app.tasks.base import Reading, Task
@@ -59,6 +61,8 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
     ) -> Response:
         arrived = time.monotonic()
         wanted = representation(request.headers.get("accept"))
+        if wanted in ("gsps", *IMAGES) and not task.draws:
+            raise ApiError(406, "not_acceptable", f"/{task.name} draws no findings: ask for JSON")
         running = get_running(request)
         settings = running.service.settings
         running.engine.check_admission()
@@ -67,10 +71,8 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
                 upload = await read_task_upload(request, task.fields, upload_limits(settings))
             fields: TaskFields = upload.fields
             streaming = wanted == "events" or bool(fields.stream)
-            if streaming and wanted == "dicom":
-                raise ApiError(
-                    406, "not_acceptable", "a Structured Report cannot be streamed: leave out stream"
-                )
+            if streaming and wanted not in ("events", "json"):
+                raise ApiError(406, "not_acceptable", "only JSON answers stream: leave out stream")
             prompt = task.prompt(fields, settings.box_convention)
             submitted = await submit(
                 request,
@@ -81,7 +83,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
                 conversation=lambda image: running.runtime.messages(image.picture, prompt),
                 deadline_s=deadline_s,
                 deltas=streaming,
-                check_image=check_report_source_of if wanted == "dicom" else None,
+                check_image={"dicom": anchorable_report, "gsps": anchorable_state}.get(wanted),
             )
             reading = Reading(
                 settings.box_convention, submitted.prepared.model_input_size, submitted.image_size
@@ -96,39 +98,56 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             if streaming:
                 return event_stream(task_events(TextStream(submitted, task.name), result), submitted)
             completed = await collect(request, submitted)
-        if wanted == "dicom":
-            submitted.finished(completed, task.name)
-            return await report_response(task, fields, submitted, completed, reading)
-        return JSONResponse(result(completed))
+        if wanted == "json":
+            return JSONResponse(result(completed))
+        submitted.finished(completed, task.name)
+        parsed = task.parse(completed.generation.text, reading)
+        return await drawn_or_filed(wanted, task, fields, parsed, submitted)
 
     endpoint.__name__ = task.name
     return endpoint
 
 
-def check_report_source_of(image: DecodedImage) -> None:
-    """Refuse, before the model runs, an image a Structured Report cannot answer."""
+def anchorable_report(image: DecodedImage) -> None:
+    """Refuse, before the model runs, an image a Structured Report cannot be anchored to: 406 for a picture,
+    422 for a DICOM source that lacks what the report needs (not a 500 after the inference)."""
     if image.dicom is None:
-        raise ApiError(406, "not_acceptable", "a DICOM Structured Report can only answer a DICOM image")
-    check_report_source(image.dicom)  # 422 before any inference, not a 500 after it
+        raise ApiError(406, "not_acceptable", "a DICOM answer (application/dicom) needs a DICOM image")
+    check_report_source(image.dicom)
 
 
-async def report_response(
-    task: Task[Any, Any], fields: TaskFields, submitted: Submitted, completed: Completed, reading: Reading
+def anchorable_state(image: DecodedImage) -> None:
+    """The same for a Grayscale Softcopy Presentation State, which also needs a grayscale image."""
+    if image.dicom is None:
+        raise ApiError(406, "not_acceptable", "a DICOM answer (application/dicom) needs a DICOM image")
+    check_presentation_source(image.dicom)
+
+
+async def drawn_or_filed(
+    wanted: Representation, task: Task[Any, Any], fields: TaskFields, parsed: Any, submitted: Submitted
 ) -> Response:
-    """The result as a DICOM Structured Report in the source's study, built off the event loop."""
-    source = submitted.image.dicom
-    assert source is not None  # check_report_source_of refused the rest before the model ran
+    """The answer as a DICOM object for the source's study, or as the picture with its findings drawn,
+    built off the event loop."""
     description = submitted.running.runtime.description
     author = Author(model=description.model, revision=description.revision)
-    parsed = task.parse(completed.generation.text, reading)
+    source = submitted.image.dicom
+    annotations = task.annotations(parsed) or []
 
     def build() -> bytes:
-        return structured_report(
-            source, author, task.report_content(fields, parsed, source), task.report_title
-        )
+        if wanted == "gsps":
+            assert source is not None  # anchorable refused the rest before the model ran
+            return presentation_state(source, author, annotations)
+        if wanted == "dicom":
+            assert source is not None
+            return structured_report(
+                source, author, task.report_content(fields, parsed, source), task.report_title
+            )
+        return overlay.encode(overlay.draw(submitted.image.picture, annotations), IMAGES[wanted])
 
     document = await in_pool(submitted.running.prepare_pool, build)
-    filename = f"medmo-{submitted.record.request_id}.dcm"
+    if wanted in IMAGES:
+        return Response(document, media_type=IMAGES[wanted])
+    filename = f"medmo-{submitted.record.request_id}{'-gsps' if wanted == 'gsps' else ''}.dcm"
     return Response(
         document, media_type=DICOM, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )
@@ -142,6 +161,6 @@ for _task in TASKS.values():
         operation_id=_task.name,
         response_model=_task.response,
         responses=TASK_ERROR_RESPONSES,
-        openapi_extra=task_request_body(_task.fields),
+        openapi_extra=task_request_body(_task.fields, draws=_task.draws),
         summary=_task.summary,
     )

@@ -31,9 +31,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from app.api.errors import ApiError, describe_validation_errors
 from app.metrics import Metrics
-from app.schemas import TaskFields
+from app.schemas import ImageFields
 
-FieldsT = TypeVar("FieldsT", bound=TaskFields)
+FieldsT = TypeVar("FieldsT", bound=ImageFields)
 
 # Room for the text fields and the multipart framing around the image.
 FIELDS_ALLOWANCE_BYTES = 256 * 1024

@@ -188,7 +188,7 @@ def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.Content
     )
     root.ContentSequence = hd.sr.ContentSequence([*observer, *items])
     document = hd.sr.ComprehensiveSR(
-        evidence=[_evidence(source.header)],
+        evidence=[anchored_header(source.header)],
         content=root,
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBER,
@@ -206,7 +206,7 @@ def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.Content
     return buffer.getvalue()
 
 
-def _evidence(header: Dataset) -> Dataset:
+def anchored_header(header: Dataset) -> Dataset:
     """The source header with its Type 2 patient and study attributes present, each valid or empty."""
     # A new dataset sharing the source's elements: the source's FileDataset also holds the whole upload,
     # which a deep copy would duplicate. Elements are replaced here, never changed in place.

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import highdicom as hd
 
 from app.imaging import DicomSource
+from app.outputs.overlay import Annotation
 from app.schemas import BoxConvention, TaskFields, TaskResponse
 
 FieldsT = TypeVar("FieldsT", bound=TaskFields)
@@ -39,6 +40,7 @@ class Task(ABC, Generic[FieldsT, ParsedT]):
     response: type[TaskResponse]
     default_max_new_tokens: ClassVar[int]
     report_title: ClassVar[str]  # in the Structured Report's series description
+    draws: ClassVar[bool] = False  # whether `annotations` gives boxes: a picture, a presentation state
 
     @abstractmethod
     def prompt(self, fields: FieldsT, box_convention: BoxConvention) -> str:
@@ -57,3 +59,7 @@ class Task(ABC, Generic[FieldsT, ParsedT]):
         self, fields: FieldsT, parsed: ParsedT, source: DicomSource
     ) -> Sequence[hd.sr.ContentItem]:
         """The answer as Structured Report content (`app/outputs/dicom_sr.py` has the building blocks)."""
+
+    def annotations(self, parsed: ParsedT) -> Sequence[Annotation] | None:
+        """Boxes to draw on the image (a picture, a presentation state); tasks that draw set `draws`."""
+        return None

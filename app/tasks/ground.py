@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import boxed_finding, container_item
+from app.outputs.overlay import Annotation
 from app.schemas import BoxConvention, TaskFields, TaskResponse
 from app.tasks.base import Reading, Task
 from app.tasks.text import strip_wrappers
@@ -279,6 +280,7 @@ class Grounding(Task[GroundFields, list[GroundedFinding]]):
     response = GroundResponse
     default_max_new_tokens = 512
     report_title = "grounding"
+    draws = True
 
     def prompt(self, fields: GroundFields, box_convention: BoxConvention) -> str:
         return ground_prompt(fields, box_convention)
@@ -301,6 +303,15 @@ class Grounding(Task[GroundFields, list[GroundedFinding]]):
             for finding in parsed
         ]
         return [container_item(codes.DCM.Findings, entries)]
+
+    def annotations(self, parsed: list[GroundedFinding]) -> Sequence[Annotation]:
+        return [
+            Annotation(
+                finding.label,
+                (finding.box_px.x_min, finding.box_px.y_min, finding.box_px.x_max, finding.box_px.y_max),
+            )
+            for finding in parsed
+        ]
 
 
 GROUND = Grounding()
