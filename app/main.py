@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import chat, ops, tasks
+from app.api import chat, ops, tasks, viewer
 from app.api.deps import Service
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
@@ -25,6 +25,7 @@ from app.engine.protocol import Engine
 from app.engine.runtime import ModelLoadError, ModelRuntime, Runtime
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
+from app.tasks import TASKS
 
 logger = logging.getLogger("medmo.startup")
 
@@ -52,6 +53,7 @@ def create_app(
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        upload_fields=(*(task.fields for task in TASKS.values()), viewer.PreviewFields),
         body_models=(chat.ChatCompletionRequest,),
         # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
         docs_url=None,
@@ -64,6 +66,8 @@ def create_app(
     install_error_handlers(app)
     app.include_router(tasks.router)
     app.include_router(chat.router)
+    app.include_router(viewer.router)
+    app.mount(viewer.ASSETS_PATH, viewer.assets(), name="viewer-assets")
     app.include_router(ops.probes)
     app.include_router(ops.router)
     install_docs(app)

@@ -1,0 +1,71 @@
+"""The viewer: a page at / for trying the service without writing a client, and the preview it shows.
+
+The page is plain HTML, CSS and a small script shipped in the package (`app/static/viewer/`), with no
+build step and nothing loaded from elsewhere, so it works on a hospital network with no way out. A browser
+cannot display DICOM, so the page shows every upload through POST /preview: the image as the service
+displays it (a DICOM windowed as asked), which is also what the model is given before its resize.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
+
+from app.api.auth import require_api_key
+from app.api.deps import get_running
+from app.api.negotiation import PNG
+from app.api.openapi import TASK_ERROR_RESPONSES, upload_request_body
+from app.api.pipeline import ImageUpload, decode_upload, image_limits, in_pool, upload_limits
+from app.api.uploads import read_task_upload
+from app.outputs import overlay
+from app.schemas import ImageFields
+
+ASSETS = files("app") / "static" / "viewer"
+ASSETS_PATH = "/viewer-assets"
+
+
+class PreviewFields(ImageFields):
+    """How to display the image: the DICOM window and frame, as for the tasks."""
+
+
+router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse((ASSETS / "index.html").read_text(encoding="utf-8"))
+
+
+@router.post(
+    "/preview",
+    operation_id="preview",
+    tags=["viewer"],
+    dependencies=[Depends(require_api_key)],
+    response_class=Response,
+    responses={
+        **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 408, 413, 415, 422, 429)},
+        200: {"content": {PNG: {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG."},
+    },
+    openapi_extra=upload_request_body(PreviewFields),
+    summary="The image as the service displays it (PNG), without running the model",
+)
+async def preview(request: Request) -> Response:
+    running = get_running(request)
+    settings = running.service.settings
+    with running.service.uploads.take():
+        upload = await read_task_upload(request, PreviewFields, upload_limits(settings))
+    image = await decode_upload(
+        request,
+        running.prepare_pool,
+        ImageUpload(upload.image, upload.fields.frame, upload.fields.window),
+        image_limits(settings),
+    )
+    picture = await in_pool(running.prepare_pool, lambda: overlay.encode(image.picture, PNG))
+    return Response(picture, media_type=PNG)
+
+
+def assets() -> StaticFiles:
+    return StaticFiles(directory=str(ASSETS))
