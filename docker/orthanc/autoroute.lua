@@ -1,10 +1,12 @@
 -- Autorouting to MedMO Serve: every image Orthanc stores is sent to the service once per configured
 -- task ("report", "ground"), and each answer, a DICOM Structured Report in the image's patient and
--- study, is stored back into Orthanc, where viewers and the RIS find it next to the image.
+-- study, is stored back into Orthanc, where viewers and the RIS find it next to the image. A task
+-- written "ground:gsps" asks /ground for a Grayscale Softcopy Presentation State instead, the object
+-- PACS viewers draw boxes from.
 --
 -- Settings come from the "MedMO" section of the Orthanc configuration (see orthanc.json):
 --   Url             base URL of the service, e.g. "http://medmo:8000"
---   Tasks           routes to call, e.g. ["report", "ground"]
+--   Tasks           routes to call, e.g. ["report", "ground", "ground:gsps"]
 --   ApiKey          sent as "Authorization: Bearer <ApiKey>" when not empty
 --   TimeoutSeconds  longest wait for one answer (needs Orthanc's SetHttpTimeout(); on Orthanc
 --                   1.10 the global "HttpTimeout" option bounds it instead)
@@ -66,11 +68,17 @@ local function IsDicomFile(bytes)
   return type(bytes) == 'string' and string.sub(bytes, 129, 132) == 'DICM'
 end
 
-local function RequestHeaders()
+-- "ground:gsps": the route, and the DICOM object wanted from it (a Structured Report by default).
+local function RouteAndObject(task)
+  local route, object = string.match(task, '^([^:]+):?(.*)$')
+  return route, object
+end
+
+local function RequestHeaders(object)
   local headers = {
     ['Content-Type'] = 'application/dicom',
-    -- Without it the service answers JSON; with it, an SR.
-    ['Accept'] = 'application/dicom',
+    -- Without it the service answers JSON; with it, an SR, or the object named.
+    ['Accept'] = object ~= '' and ('application/dicom; object=' .. object) or 'application/dicom',
   }
   if SETTINGS.apiKey ~= '' then
     headers['Authorization'] = 'Bearer ' .. SETTINGS.apiKey
@@ -81,7 +89,8 @@ end
 -- Sends one instance to one task and stores the SR it answers. Raises on failure (caught by the
 -- caller), with a message free of patient data.
 local function Route(instanceId, dicom, task)
-  local answer = HttpPost(SETTINGS.url .. '/' .. task, dicom, RequestHeaders())
+  local route, object = RouteAndObject(task)
+  local answer = HttpPost(SETTINGS.url .. '/' .. route, dicom, RequestHeaders(object))
 
   -- Orthanc 1.10 answers nil when there was no answer (connection refused, timeout) and an empty
   -- string on an HTTP error status, the service's JSON error dropped; it logs the cause itself
@@ -93,10 +102,10 @@ local function Route(instanceId, dicom, task)
     error('the answer is not a DICOM file (' .. string.len(answer) .. ' bytes)', 0)
   end
 
-  -- Stored through the REST API, so the SR's origin is "Lua" and OnStoredInstance skips it.
+  -- Stored through the REST API, so its origin is "Lua" and OnStoredInstance skips it.
   local stored = RestApiPost('/instances', answer)
   if stored == nil then
-    error('Orthanc refused the SR (see the error above)', 0)
+    error('Orthanc refused the answer (see the error above)', 0)
   end
   return ParseJson(stored)['ID']
 end

@@ -34,7 +34,7 @@ assert orthanc_binary() is not None, (
 # y 32-64 of the source's pixels.
 REPLY = "Nodule: [64, 64, 192, 128]\n\nNormal study."
 EXPECTED_REGION = [32.0, 32.0, 96.0, 32.0, 96.0, 64.0, 32.0, 64.0, 32.0, 32.0]
-TASKS = ("report", "ground")
+TASKS = ("report", "ground", "ground:gsps")
 ROUTED_METADATA = "MedMORouted"  # declared in orthanc.json's "UserMetadata", written by the script
 
 # Codes of the service's SR content tree: (CodeValue, CodingSchemeDesignator).
@@ -176,6 +176,22 @@ def check_grounding(sr: Dataset, source: Dataset) -> None:
     assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
 
 
+def check_presentation_state(state: Dataset, source: Dataset) -> None:
+    """The grounding as a Grayscale Softcopy Presentation State: the box on the source, in its study."""
+    assert state.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    assert state.StudyInstanceUID == source.StudyInstanceUID
+    assert state.PatientID == source.PatientID
+    assert (
+        state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        == source.SOPInstanceUID
+    )
+    (annotation,) = state.GraphicAnnotationSequence
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    (box,) = annotation.GraphicObjectSequence
+    assert [float(v) for v in box.GraphicData] == pytest.approx(EXPECTED_REGION, abs=1e-3)
+    assert annotation.TextObjectSequence[0].UnformattedTextValue == "Nodule"
+
+
 def is_grounding(sr: Dataset) -> bool:
     """The grounding SR is the one whose findings point at image regions."""
     return any(children(finding, IMAGE_REGION) for finding in children(only(children(sr, FINDINGS)), FINDING))
@@ -195,13 +211,17 @@ def test_a_stored_image_gets_a_report_and_a_grounding_sr_in_its_study(
     assert stored["Status"] == "Success"
 
     instances = wait_for_instances(pacs, stored["ParentStudy"], 1 + len(TASKS), medmo)
-    assert len(instances) == 1 + len(TASKS), "more than the image and one SR per task"
-    srs = []
+    assert len(instances) == 1 + len(TASKS), "more than the image and one answer per task"
+    srs, states = [], []
     for instance in instances:
         if instance["ID"] == stored["ID"]:
             continue
+        answer = pacs.instance_file(instance["ID"])
+        if read(answer).Modality == "PR":
+            states.append(read(answer))
+            continue
         # highdicom reads it back as the Comprehensive SR it claims to be.
-        sr = hd.sr.srread(io.BytesIO(pacs.instance_file(instance["ID"])))
+        sr = hd.sr.srread(io.BytesIO(answer))
         assert isinstance(sr, hd.sr.ComprehensiveSR)
         srs.append(sr)
 
@@ -210,6 +230,8 @@ def test_a_stored_image_gets_a_report_and_a_grounding_sr_in_its_study(
     assert (len(reports), len(grounding)) == (1, 1)
     check_report(reports[0], source)
     check_grounding(grounding[0], source)
+    (state,) = states
+    check_presentation_state(state, source)
 
     # Orthanc kept the image as sent, and recorded the tasks done for it.
     assert pacs.instance_file(stored["ID"]) == source_bytes
@@ -219,7 +241,11 @@ def test_a_stored_image_gets_a_report_and_a_grounding_sr_in_its_study(
     # Viewers find the SRs through the shipped configuration's DICOMweb plugin.
     series = pacs.get_json(f"/dicom-web/studies/{source.StudyInstanceUID}/series")
     modalities = {s["0020000E"]["Value"][0]: s["00080060"]["Value"][0] for s in series}
-    assert modalities == {source.SeriesInstanceUID: "CT", **{sr.SeriesInstanceUID: "SR" for sr in srs}}
+    assert modalities == {
+        source.SeriesInstanceUID: "CT",
+        **{sr.SeriesInstanceUID: "SR" for sr in srs},
+        state.SeriesInstanceUID: "PR",
+    }
 
 
 def test_an_image_or_sr_sent_again_is_not_routed_again(medmo: RunningServer, pacs: RunningOrthanc) -> None:
