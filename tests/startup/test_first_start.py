@@ -1,14 +1,21 @@
 """A first start, for real and offline: `medmo-serve` given a hub id downloads it from a hub on loopback
 (tests/startup/hub.py, the hub's own download API) through huggingface_hub, logs its progress and phases,
-names them on /readyz, then serves."""
+names them on /readyz, then serves; `--download-only` fills a cache that an offline start serves from, and
+`--check` reads that cache."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +23,7 @@ import httpx
 import pytest
 
 from app.tiny_checkpoint import write_checkpoint
-from bench.servers import console_script, free_port
+from bench.servers import console_script, free_port, serve
 from tests.conftest import png_bytes
 from tests.startup.hub import LocalHub, running_hub
 
@@ -126,3 +133,133 @@ def test_a_first_start_downloads_with_progress_names_its_phases_then_serves(
     assert messages[0].startswith(f"downloading {REPO} at ")
     assert all(line["duration_s"] >= 0 for line in ends)
     assert ends[0]["duration_s"] >= 2  # the slowed weights
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [console_script("medmo-serve"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def downloaded(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache filled by `medmo-serve --download-only`, as the images' and the init container's prefetch do."""
+    hf_home = tmp_path_factory.mktemp("prefetched")
+    before = len(hub.requests)
+    result = run(["--download-only"], hub_env(hub, hf_home, MEDMO_PROGRESS_INTERVAL_S="0.1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"medmo-serve: {REPO} is in the cache: qwen3_vl at ")
+    assert any(request.startswith("GET /lfs/") for request in hub.requests[before:])
+    ended = [line for line in log_lines(result.stderr) if "duration_s" in line]
+    assert [line["phase"] for line in ended] == ["downloading"]  # downloaded, and nothing loaded
+    return hf_home
+
+
+def test_download_only_leaves_a_cache_an_offline_start_serves_from(
+    hub: LocalHub, downloaded: Path, tmp_path: Path
+) -> None:
+    before = len(hub.requests)
+    env = hub_env(hub, downloaded, HF_HUB_OFFLINE="1", MEDMO_VQA_MAX_NEW_TOKENS="4")
+    with serve(None, tmp_path / "server.log", env=env) as server:
+        answered = httpx.post(
+            f"{server.url}/vqa",
+            files={"image": ("a.png", png_bytes(), "image/png")},
+            data={"question": "Is this normal?"},
+            timeout=60,
+        )
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["answer"] == REPLY
+        log = server.log()
+    assert hub.requests[before:] == []  # not one request to the hub
+    phases = [line["phase"] for line in log_lines(log) if "duration_s" in line]
+    assert phases == ["loading", "warming_up"]  # nothing to download
+
+
+def test_check_one_line_each_for_a_good_and_three_broken_configurations(
+    hub: LocalHub, downloaded: Path, tmp_path: Path
+) -> None:
+    offline = {"HF_HUB_OFFLINE": "1"}
+    configurations = {
+        "good": hub_env(hub, downloaded, **offline),
+        "weights missing offline": hub_env(hub, tmp_path / "empty-cache", **offline),
+        # A machine without a GPU, whatever this one has.
+        "cuda on a cpu machine": hub_env(
+            hub, downloaded, MEDMO_DEVICE="cuda", CUDA_VISIBLE_DEVICES="", HIP_VISIBLE_DEVICES="", **offline
+        ),
+        "unknown attention": hub_env(
+            hub, downloaded, MEDMO_ATTN_IMPLEMENTATION="flash_attention_9", **offline
+        ),
+    }
+    with ThreadPoolExecutor(len(configurations)) as pool:
+        checked = pool.map(lambda env: run(["--check"], env), configurations.values())
+        results = dict(zip(configurations, checked, strict=True))
+    lines = {name: result.stdout.splitlines() for name, result in results.items()}
+
+    good = lines["good"]
+    assert results["good"].returncode == 0, results["good"]
+    assert [line.split(":")[0] for line in good] == ["settings", "device", "dtype", "attention", "weights"]
+    assert all(line.split(": ")[1] == "ok" for line in good), good
+    assert good[4].startswith(f"weights: ok: qwen3_vl at {hub.repositories[REPO].commit[:12]}, 7 files, ")
+
+    missing = lines["weights missing offline"]
+    assert results["weights missing offline"].returncode == 1
+    assert [line for line in missing if ": FAILED: " in line] == [
+        f"weights: FAILED: {REPO!r} is not in the Hugging Face cache ({tmp_path / 'empty-cache' / 'hub'}): run "
+        "`medmo-serve --download-only` where the hub is reachable (with the same HF_HOME), or set MEDMO_MODEL "
+        "to a folder holding the weights"
+    ]
+
+    no_gpu = lines["cuda on a cpu machine"]
+    assert results["cuda on a cpu machine"].returncode == 1
+    (failed,) = [line for line in no_gpu if ": FAILED: " in line]
+    assert failed.startswith("device: FAILED: MEDMO_DEVICE=cuda but torch sees no GPU (torch ")
+    assert [line.split(": ")[1] for line in no_gpu] == ["ok", "FAILED", "not checked", "not checked", "ok"]
+
+    attention = lines["unknown attention"]
+    assert results["unknown attention"].returncode == 2
+    assert attention == [
+        "settings: FAILED: invalid configuration: MEDMO_ATTN_IMPLEMENTATION: Input should be 'auto', "
+        "'flash_attention_2', 'sdpa' or 'eager'"
+    ]
+    assert all(result.stderr.count("Traceback") == 0 for result in results.values())
+
+
+def test_on_a_terminal_the_download_draws_a_bar_per_file_and_one_for_the_total(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    hub.slow[WEIGHTS] = 1.0
+    primary, secondary = pty.openpty()  # a terminal, as an operator's shell gives one, 120 columns wide
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = hub_env(hub, tmp_path / "hf", TERM="xterm")
+    with subprocess.Popen(
+        [console_script("medmo-serve"), "--download-only"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    ) as process:
+        os.close(secondary)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closes with the process
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert process.wait(60) == 0, drawn.decode(errors="replace")
+    os.close(primary)
+    hub.slow.clear()
+    screen = drawn.decode(errors="replace")
+    # tqdm's bars, redrawn in place: the total (bytes, rate, time left), and the weights file's own.
+    total = r"downloading: +\d+%\|.*\| [\d.]+M/\d+\.\dM \[\d\d:\d\d<\d\d:\d\d, +[\d.]+MB/s\]"
+    assert re.search(total, screen), screen
+    assert re.search(rf"{re.escape(WEIGHTS)}: +\d+%\|.*\| [\d.]+M/\d+\.\dM \[", screen), screen
+    assert '"done"' not in screen  # no progress as JSON lines: the phases' start and end only
+    assert f"medmo-serve: {REPO} is in the cache" in screen
