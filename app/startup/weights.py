@@ -111,9 +111,16 @@ def resolve(settings: Settings, progress: StartupProgress) -> Checkpoint:
     missing = [item for item in plan if item.will_download]
     if missing:
         _download(name, commit, missing, progress)
-    # Everything is in the cache now: this records the file list of the commit (what an offline
-    # start checks the snapshot against) and returns the snapshot's folder.
-    snapshot = snapshot_download(name, revision=commit, allow_patterns=WEIGHT_PATTERNS, tqdm_class=_Silent)
+    try:
+        # Everything is in the cache now: this records the file list of the commit (what an offline
+        # start checks the snapshot against) and returns the snapshot's folder.
+        snapshot = snapshot_download(
+            name, revision=commit, allow_patterns=WEIGHT_PATTERNS, tqdm_class=_Silent
+        )
+    except (HfHubHTTPError, OSError) as exc:
+        raise WeightsError(
+            f"could not list {name!r} on the hub after downloading it ({_first_line(exc)})"
+        ) from exc
     return inspect(Path(snapshot), name, commit=commit)
 
 
@@ -221,9 +228,16 @@ def _download(name: str, commit: str, files: Sequence[DryRunFileInfo], progress:
             meter.finished(item)
 
         pool = ThreadPoolExecutor(min(PARALLEL_FILES, len(files)), thread_name_prefix="medmo-download")
+        futures = {pool.submit(fetch, item): item for item in files}
         try:
-            for future in as_completed([pool.submit(fetch, item) for item in files]):
-                future.result()
+            for future in as_completed(futures):
+                try:
+                    future.result()
+                except Exception as exc:  # whatever failed, the start stops with one sentence naming the file
+                    raise WeightsError(
+                        f"downloading {futures[future].filename} of {name!r} failed ({type(exc).__name__}: "
+                        f"{_first_line(exc)}): start again to resume, or run `medmo-serve --download-only`"
+                    ) from exc
         finally:
             # On a failure the files not yet started are dropped; those in flight end by themselves.
             pool.shutdown(wait=True, cancel_futures=True)

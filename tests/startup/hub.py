@@ -50,6 +50,8 @@ class LocalHub:
     repositories: dict[str, Repository] = field(default_factory=dict)
     # File name -> seconds its content takes to send.
     slow: dict[str, float] = field(default_factory=dict)
+    # File names whose content is answered with a server error (their metadata still answers).
+    failing: set[str] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)
 
     @property
@@ -183,6 +185,9 @@ def handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             self.content(data, body, name=path, headers=headers)
 
         def content(self, data: bytes, body: bool, name: str | None, headers: dict[str, str]) -> None:
+            if body and name in hub.failing:
+                self.error(500, "InternalServerError")
+                return
             start = 0
             if (ranged := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) is not None:
                 start = min(int(ranged[1]), len(data))

@@ -160,6 +160,24 @@ def downloaded(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return hf_home
 
 
+def test_a_download_that_fails_or_is_refused_is_one_sentence(hub: LocalHub, tmp_path: Path) -> None:
+    hub.failing.add(WEIGHTS)
+    try:
+        failed = run(["--download-only"], hub_env(hub, tmp_path / "hf"))
+    finally:
+        hub.failing.clear()
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines()[-1].startswith(
+        f"medmo-serve: downloading {WEIGHTS} of {REPO!r} failed (HfHubHTTPError: Server error '500"
+    )
+    unknown = run(["--download-only"], hub_env(hub, tmp_path / "hf", MEDMO_MODEL="medmo-test/nothing"))
+    assert unknown.returncode == 1
+    assert unknown.stderr.splitlines()[-1].startswith(
+        "medmo-serve: the hub has no repository 'medmo-test/nothing'"
+    )
+    assert "Traceback" not in failed.stderr + unknown.stderr
+
+
 def test_download_only_leaves_a_cache_an_offline_start_serves_from(
     hub: LocalHub, downloaded: Path, tmp_path: Path
 ) -> None:
