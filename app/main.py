@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 
 import torch
 from fastapi import FastAPI
@@ -25,6 +26,7 @@ from app.engine.protocol import Engine
 from app.engine.runtime import ModelLoadError, ModelRuntime, Runtime
 from app.metrics import Metrics
 from app.settings import Settings, get_settings
+from app.startup.progress import Phase
 from app.tasks import TASKS
 
 logger = logging.getLogger("medmo.startup")
@@ -42,10 +44,11 @@ EngineFactory = Callable[[Settings, Runtime, Metrics], Engine]
 def create_app(
     settings: Settings | None = None,
     runtime: Runtime | None = None,
-    engine_factory: EngineFactory = build_engine,
+    engine_factory: EngineFactory | None = None,
 ) -> FastAPI:
     """Build the app. With `runtime` given, that runtime is served instead of loading MEDMO_MODEL; the
-    engine around it is made at startup by `engine_factory` (by default the one MEDMO_ENGINE names)."""
+    engine around it is made at startup by `engine_factory` (by default the one MEDMO_ENGINE names, its
+    warm-up shown as startup progress)."""
     settings = settings or get_settings()
     service = Service(settings=settings, api_keys=ApiKeys.from_settings(settings), runtime=runtime)
     app = MedmoAPI(
@@ -91,12 +94,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service = app.state.service
     assert isinstance(service, Service)
     settings = service.settings
+    startup = service.startup
     try:
         runtime = service.runtime
         if runtime is None:
-            loaded = await asyncio.to_thread(ModelRuntime.load, settings)
+            loaded = await asyncio.to_thread(ModelRuntime.load, settings, startup)
             runtime = service.runtime = loaded
-        engine = app.state.engine_factory(settings, runtime, service.metrics)
+        # The KV cache, and on a GPU the decode graphs: minutes for a large model, shown like the loading.
+        with startup.phase(
+            Phase.WARMING_UP,
+            began=f"warming up the {settings.engine} engine",
+            ended=f"warmed up the {settings.engine} engine",
+            engine=settings.engine,
+        ):
+            factory = app.state.engine_factory or partial(
+                build_engine, on_graph_captured=startup.counter("capturing decode graphs", "graphs")
+            )
+            engine = factory(settings, runtime, service.metrics)
+            await engine.start()
     except ModelLoadError as exc:
         service.startup_error = str(exc)
         raise
@@ -108,7 +123,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.prepare_pool = ThreadPoolExecutor(
         settings.prepare_workers, thread_name_prefix="medmo-prepare", initializer=_single_threaded_torch
     )
-    await engine.start()
     service.engine = engine
     logger.info("serving with the %s engine", engine.name)
     try:

@@ -172,8 +172,20 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "ready", "draining", "stopped", "dead"] = Field(
-        description="ok (alive), ready, or why not: starting, draining, stopped, dead.", examples=["ready"]
+    status: Literal[
+        "ok", "starting", "downloading", "loading", "warming_up", "ready", "draining", "stopped", "dead"
+    ] = Field(
+        description="ok (alive), ready, or why not: starting, downloading (the weights, on a first start), "
+        "loading (the weights onto the device), warming_up (the engine), draining, stopped, dead.",
+        examples=["ready"],
+    )
+    progress: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="While downloading, loading or warming up: how far along that phase is, in percent, when "
+        "known. Absent otherwise.",
+        examples=[42.5],
     )
 
 

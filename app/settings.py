@@ -170,6 +170,12 @@ class _Settings(BaseSettings):
         description="A port of their own for /healthz and /readyz, answering when the main port is full.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    progress_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="When the log is not a terminal: seconds between the progress lines of a long startup "
+        "phase (downloading, loading, warming up).",
+    )
 
     @field_validator("device")
     @classmethod

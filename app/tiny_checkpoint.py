@@ -175,14 +175,16 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLProcessor:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, shape: str = "tiny") -> Qwen3VLConfig:
+def build_config(
+    tokenizer: PreTrainedTokenizerFast, shape: str = "tiny", vocab_size: int | None = None
+) -> Qwen3VLConfig:
     spec = SHAPES[shape]
     text = dict(spec["text"])
     mrope_section = text.pop("mrope_section")
     ids = {token: token_id(tokenizer, token) for token in SPECIAL_TOKENS}
     return Qwen3VLConfig(
         text_config=dict(
-            vocab_size=spec["vocab_size"] or len(tokenizer),
+            vocab_size=vocab_size or spec["vocab_size"] or len(tokenizer),
             max_position_embeddings=32768,
             tie_word_embeddings=False,
             rope_parameters={
@@ -259,11 +261,14 @@ def make_reply_only(model: Qwen3VLForConditionalGeneration, reply_id: int, end_i
     lm_head[end_id, 0] = 100.0
 
 
-def write_checkpoint(path: Path, *, reply: str | None = None, shape: str = "tiny", seed: int = 0) -> Path:
-    """Write a loadable checkpoint folder and return its path."""
+def write_checkpoint(
+    path: Path, *, reply: str | None = None, shape: str = "tiny", seed: int = 0, vocab_size: int | None = None
+) -> Path:
+    """Write a loadable checkpoint folder and return its path. `vocab_size` widens the embeddings past the
+    tokenizer's (as Qwen's 151,936 rows do): weights of tens of MB, for a download seen in flight."""
     tokenizer = build_tokenizer(reply)
     processor = build_processor(tokenizer)
-    model = build_model(build_config(tokenizer, shape), seed=seed)
+    model = build_model(build_config(tokenizer, shape, vocab_size), seed=seed)
     if reply is not None:
         make_reply_only(
             model,

@@ -45,6 +45,24 @@ def test_a_model_that_cannot_load_stops_startup_with_one_sentence(tmp_path: Path
     assert f"MEDMO_MODEL='{tmp_path / 'missing'}' is not an existing folder" in result.stderr
 
 
+def test_download_only_leaves_a_local_model_folder_alone(random_checkpoint: Path, tmp_path: Path) -> None:
+    result = run_serve("--download-only", MEDMO_MODEL=str(random_checkpoint), HF_HOME=str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        f"medmo-serve: {random_checkpoint} is a local folder; nothing to download: "
+    )
+    assert not (tmp_path / "hf").exists()
+
+
+def test_download_only_offline_fails_when_the_cache_lacks_the_model(tmp_path: Path) -> None:
+    # What a cluster without internet relies on: an empty cache is an error, named, not a hang.
+    result = run_serve("--download-only", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "'MBZUAI/MedMO-8B-Next' is not in the Hugging Face cache" in result.stderr
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in result.stderr
+
+
 def test_serves_a_tiny_checkpoint_over_real_http(random_checkpoint: Path, tmp_path: Path) -> None:
     with serve(random_checkpoint, tmp_path / "server.log") as server:
         response = httpx.post(

@@ -15,6 +15,7 @@ from app.engine.request import GenerationOptions
 from app.engine.runtime import Runtime
 from app.metrics import Metrics
 from app.settings import Settings
+from app.startup.progress import StartupProgress
 
 
 @dataclass
@@ -27,9 +28,12 @@ class Service:
     prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
     uploads: UploadSlots = field(init=False)
+    # The phase a start is in (downloading, loading, warming up), for /readyz.
+    startup: StartupProgress = field(init=False)
 
     def __post_init__(self) -> None:
         self.uploads = UploadSlots(self.settings.max_uploads, self.metrics)
+        self.startup = StartupProgress(interval_s=self.settings.progress_interval_s)
 
     def options(self, task: str, requested: int | None = None) -> GenerationOptions:
         """Generation options for a request: the server's limit for its task, or fewer tokens if it asks."""

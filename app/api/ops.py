@@ -34,8 +34,8 @@ NO_KEY: dict[str, Any] = {"security": []}
 async def healthz(request: Request) -> JSONResponse:
     engine = get_service(request).engine
     if engine is not None and engine.state is EngineState.DEAD:
-        return JSONResponse(Health(status="dead").model_dump(), status_code=503)
-    return JSONResponse(Health(status="ok").model_dump())
+        return JSONResponse(Health(status="dead").model_dump(exclude_none=True), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump(exclude_none=True))
 
 
 @probes.get(
@@ -43,15 +43,29 @@ async def healthz(request: Request) -> JSONResponse:
     operation_id="readyz",
     response_model=Health,
     openapi_extra=NO_KEY,
-    responses={503: {"model": Health, "description": "Loading, draining for shutdown, or stopped."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Starting (downloading, loading or warming up, with its progress), draining for "
+            "shutdown, or stopped.",
+        }
+    },
     summary="Readiness: the model is loaded and requests are being taken",
 )
 async def readyz(request: Request) -> JSONResponse:
-    engine = get_service(request).engine
+    service = get_service(request)
+    engine = service.engine
     if engine is None:
-        return JSONResponse(Health(status="starting").model_dump(), status_code=503)
+        # Only the probe port (MEDMO_PROBE_PORT) answers this early: the main port opens once started.
+        phase = service.startup.state
+        health = (
+            Health(status="starting")
+            if phase is None
+            else Health(status=phase.phase.value, progress=phase.percent)
+        )
+        return JSONResponse(health.model_dump(exclude_none=True), status_code=503)
     status = 200 if engine.state is EngineState.READY else 503
-    return JSONResponse(Health(status=engine.state.value).model_dump(), status_code=status)
+    return JSONResponse(Health(status=engine.state.value).model_dump(exclude_none=True), status_code=status)
 
 
 @router.get(

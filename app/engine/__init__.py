@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from app.engine.continuous import ContinuousEngine, Runner
@@ -20,11 +22,20 @@ from app.metrics import Metrics
 from app.settings import Settings
 
 
-def build_engine(settings: Settings, runtime: Runtime, metrics: Metrics) -> Engine:
-    """The engine MEDMO_ENGINE names, around a loaded runtime."""
+def build_engine(
+    settings: Settings,
+    runtime: Runtime,
+    metrics: Metrics,
+    *,
+    on_graph_captured: Callable[[int, int], None] | None = None,
+) -> Engine:
+    """The engine MEDMO_ENGINE names, around a loaded runtime. `on_graph_captured(captured, total)` follows
+    the continuous engine's warm-up on a GPU."""
     if settings.engine == "generate":
         return generate_engine(settings, runtime, metrics)
-    return continuous_engine(settings, build_runner(settings, runtime), runtime, metrics)
+    runner = build_runner(settings, runtime)
+    runner.on_graph_captured = on_graph_captured
+    return continuous_engine(settings, runner, runtime, metrics)
 
 
 def generate_engine(settings: Settings, runtime: Runtime, metrics: Metrics) -> GenerateEngine:

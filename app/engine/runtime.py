@@ -21,11 +21,13 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from PIL import Image
 from qwen_vl_utils import fetch_image, smart_resize
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
-from transformers.utils import logging as transformers_logging
 
 from app.engine.request import FinishReason, Generation, GenerationOptions, PreparedRequest
 from app.imaging.errors import UnusableImageError
 from app.settings import Settings
+from app.startup import weights
+from app.startup.progress import Phase, StartupProgress, transformers_bars
+from app.startup.weights import WeightsError
 
 
 class ModelLoadError(RuntimeError):
@@ -81,6 +83,66 @@ class Placement:
             dtype=resolve_dtype(settings.dtype, device),
             attention=resolve_attention(settings.attn_implementation, device),
         )
+
+    @classmethod
+    def checked(cls, settings: Settings) -> Placement:
+        """The placement, once its device, dtype and attention are known to work here (else ModelLoadError)."""
+        placement = cls.from_settings(settings)
+        placement.check_device(settings.device)
+        placement.check_dtype()
+        placement.check_attention()
+        return placement
+
+    def check_device(self, setting: str) -> str:
+        """The device, described; a ModelLoadError saying why if torch cannot use it."""
+        if self.device.type == "cpu":
+            return "cpu" if setting == "cpu" else "cpu (no GPU visible to torch)"
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"MEDMO_DEVICE={setting} but torch sees no GPU ({_torch_build()}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): check the driver and the container's GPU "
+                "access, or set MEDMO_DEVICE=cpu"
+            )
+        index = self.device.index or 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ModelLoadError(
+                f"MEDMO_DEVICE={setting} but torch sees {count} GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+        properties = torch.cuda.get_device_properties(index)
+        return (
+            f"cuda:{index} ({properties.name}, {properties.total_memory / 1024**3:.0f} GiB; {_torch_build()})"
+        )
+
+    def check_dtype(self) -> str:
+        """The dtype, described; a ModelLoadError if the device cannot hold it."""
+        name = str(self.dtype).removeprefix("torch.")
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise ModelLoadError(
+                f"{torch.cuda.get_device_name(self.device)} does not support bfloat16: set MEDMO_DTYPE=float16"
+            )
+        try:
+            torch.zeros(1, dtype=self.dtype, device=self.device)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"{self.device} cannot hold {name} tensors ({exc}): set MEDMO_DTYPE"
+            ) from exc
+        return name
+
+    def check_attention(self) -> str:
+        """The attention implementation, described; a ModelLoadError if it cannot run here."""
+        if self.attention == "flash_attention_2":
+            if self.device.type != "cuda":
+                raise ModelLoadError(
+                    f"MEDMO_ATTN_IMPLEMENTATION=flash_attention_2 needs a GPU, and the device is {self.device}: "
+                    "set it to sdpa or auto"
+                )
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ModelLoadError(
+                    "MEDMO_ATTN_IMPLEMENTATION=flash_attention_2 but flash_attn is not installed: install it "
+                    "(the images: --build-arg FLASH_ATTENTION=true), or set it to sdpa or auto"
+                )
+        return self.attention
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -158,37 +220,47 @@ class ModelRuntime:
         self._decoder = copy.deepcopy(tokenizer)
 
     @classmethod
-    def load(cls, settings: Settings) -> ModelRuntime:
-        """Load model and processor with from_pretrained (hub id or folder; HF_HOME and HF_HUB_OFFLINE apply)."""
-        transformers_logging.disable_progress_bar()
+    def load(cls, settings: Settings, progress: StartupProgress | None = None) -> ModelRuntime:
+        """Load model and processor onto the device, from MEDMO_MODEL's folder or its hub snapshot, downloaded
+        first where the cache lacks it (HF_HOME and HF_HUB_OFFLINE apply). `progress` shows the phases."""
+        progress = progress or StartupProgress(interval_s=settings.progress_interval_s)
         name = settings.model
-        if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
-            raise ModelLoadError(
-                f"MEDMO_MODEL={name!r} is not an existing folder: set it to a folder holding MedMO's "
-                "weights, or to a hub id such as MBZUAI/MedMO-8B-Next"
-            )
-        placement = Placement.from_settings(settings)
-        source = os.path.expanduser(name)
+        # Before minutes of downloading and loading, not after them.
+        placement = Placement.checked(settings)
         try:
-            processor = AutoProcessor.from_pretrained(source, revision=settings.revision)
-            model = AutoModelForImageTextToText.from_pretrained(
-                source,
-                revision=settings.revision,
-                dtype=placement.dtype,
-                attn_implementation=placement.attention,
-                device_map=str(placement.device),
-            )
-        except torch.OutOfMemoryError as exc:
-            raise ModelLoadError(
-                f"not enough memory on {placement.device} to load {name!r}: free the device, or set MEDMO_MODEL to a "
-                "smaller model (MBZUAI/MedMO-4B-Next) or MEDMO_DEVICE to another device"
-            ) from exc
-        except (OSError, ValueError, ImportError, RuntimeError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ModelLoadError(
-                f"could not load model {name!r} ({reason}): set MEDMO_MODEL to a folder holding MedMO's "
-                "weights, or make the hub reachable (with HF_HUB_OFFLINE=1 only the cache in HF_HOME is used)"
-            ) from exc
+            checkpoint = weights.resolve(settings, progress)
+        except WeightsError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        dtype = str(placement.dtype).removeprefix("torch.")
+        with (
+            progress.phase(
+                Phase.LOADING,
+                began=f"loading {name} onto {placement.device} ({dtype}, {placement.attention} attention)",
+                ended=f"loaded {name}",
+                model=name,
+                device=str(placement.device),
+            ),
+            transformers_bars(progress),
+        ):
+            try:
+                processor = AutoProcessor.from_pretrained(checkpoint.folder)
+                model = AutoModelForImageTextToText.from_pretrained(
+                    checkpoint.folder,
+                    dtype=placement.dtype,
+                    attn_implementation=placement.attention,
+                    device_map=str(placement.device),
+                )
+            except torch.OutOfMemoryError as exc:
+                raise ModelLoadError(
+                    f"not enough memory on {placement.device} to load {name!r}: free the device, or set MEDMO_MODEL "
+                    "to a smaller model (MBZUAI/MedMO-4B-Next) or MEDMO_DEVICE to another device"
+                ) from exc
+            except (OSError, ValueError, ImportError, RuntimeError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise ModelLoadError(
+                    f"could not load model {name!r} from {checkpoint.folder} ({reason}): set MEDMO_MODEL to a "
+                    "folder holding MedMO's weights, or to a hub id"
+                ) from exc
         return cls.serving(model, processor, settings, placement, name=name, revision=settings.revision)
 
     @classmethod
@@ -354,5 +426,9 @@ def is_fatal_error(exc: BaseException) -> bool:
     return accelerator_error is not None and isinstance(exc, accelerator_error)
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+def _torch_build() -> str:
+    if torch.version.hip:
+        return f"torch {torch.__version__} for ROCm {torch.version.hip}"
+    if torch.version.cuda:
+        return f"torch {torch.__version__} for CUDA {torch.version.cuda}"
+    return f"torch {torch.__version__}, a CPU-only build"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +238,8 @@ class SlotRunner:
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._want_graphs = graphs and device.type == "cuda"
         self.graph_note = "off" if not self._want_graphs else "not captured yet"
+        # Told (captured, total) after each graph: capture takes minutes for a large model (startup progress).
+        self.on_graph_captured: Callable[[int, int], None] | None = None
 
     # --- startup ---
 
@@ -274,6 +276,8 @@ class SlotRunner:
                 pool = graph.pool()
                 self._graphs[(batch, span)] = graph
                 count += 1
+                if self.on_graph_captured is not None:
+                    self.on_graph_captured(count, len(self.batch_buckets) * len(self.span_buckets))
         torch.cuda.synchronize(self.device)
         self.graph_note = (
             f"{count} graphs ({len(self.batch_buckets)} batch x {len(self.span_buckets)} span buckets)"

@@ -74,9 +74,9 @@ def test_the_model_is_loaded_once_for_all_requests(
     loads: list[str] = []
     real_load = ModelRuntime.load.__func__  # type: ignore[attr-defined]
 
-    def counting_load(cls: type[ModelRuntime], settings: Any) -> ModelRuntime:
+    def counting_load(cls: type[ModelRuntime], settings: Any, *args: Any) -> ModelRuntime:
         loads.append(settings.model)
-        return real_load(cls, settings)  # type: ignore[no-any-return]
+        return real_load(cls, settings, *args)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(ModelRuntime, "load", classmethod(counting_load))
     with TestClient(create_app(settings_for(random_checkpoint, vqa_max_new_tokens=4))) as client:

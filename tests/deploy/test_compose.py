@@ -138,7 +138,9 @@ def test_download_step_is_optional_and_runs_first_when_enabled(compose: dict[str
     assert download["profiles"] == ["download"]
     assert download["build"] == services["medmo"]["build"]
     assert download["image"] == services["medmo"]["image"]
-    assert download["entrypoint"] == ["python", "/opt/medmo/fetch_weights.py"]
+    # The image's entrypoint is medmo-serve: the step is its prefetch mode.
+    assert "entrypoint" not in download
+    assert download["command"] == ["--download-only"]
     assert download["restart"] == "no"
     # Both read the operator's settings from the same env file, so they name the same model.
     assert download["env_file"] == services["medmo"]["env_file"]

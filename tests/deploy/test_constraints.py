@@ -97,9 +97,10 @@ def test_both_images_install_with_this_file(flavour: str) -> None:
     assert f"-c {CONSTRAINTS_IN_IMAGE}" in text
 
 
-def test_ci_installs_with_this_file() -> None:
-    # The same pins in CI as in the images: .ci/setup passes the file to the install of the package.
-    setup = (REPOSITORY / ".ci" / "setup").read_text()
+@pytest.mark.parametrize("script", ["setup", "setup-tests"])
+def test_ci_installs_with_this_file(script: str) -> None:
+    # The same pins in CI as in the images: both setups pass the file to their installs of the package.
+    setup = (REPOSITORY / ".ci" / script).read_text()
     installs = [line for line in setup.splitlines() if "pip install" in line and "-e" in line]
-    assert installs, ".ci/setup no longer installs the package with pip"
+    assert installs, f".ci/{script} no longer installs the package with pip"
     assert all(f"-c {CONSTRAINTS_IN_IMAGE}" in line for line in installs), installs

@@ -298,8 +298,7 @@ def test_build_context_holds_what_the_images_copy_and_nothing_else() -> None:
 
 
 def test_copied_scripts_are_executable_by_python() -> None:
-    # The HEALTHCHECK and the download step run them with the image's python: they must at least compile.
-    for script in ("healthcheck.py", "fetch_weights.py"):
-        path = REPOSITORY / "docker" / script
-        compile(path.read_text(), str(path), "exec")
-        assert os.access(path, os.R_OK)
+    # The HEALTHCHECK runs it with the image's python: it must at least compile.
+    path = REPOSITORY / "docker" / "healthcheck.py"
+    compile(path.read_text(), str(path), "exec")
+    assert os.access(path, os.R_OK)

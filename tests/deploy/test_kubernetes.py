@@ -228,7 +228,7 @@ def test_weights_are_fetched_for_the_model_the_server_loads(rendered: list[dict[
     spec = pod_spec(deployment(rendered))
     assert spec is not None
     (fetch,) = spec["initContainers"]
-    assert fetch["command"] == ["python", "/opt/medmo/fetch_weights.py"]
+    assert fetch["command"] == ["medmo-serve", "--download-only"]
     assert fetch["image"] == server(rendered)["image"]
     server_env, fetch_env = env_of(server(rendered)), env_of(fetch)
     for name in ("MEDMO_MODEL", "MEDMO_REVISION"):

@@ -1,12 +1,10 @@
-"""The two scripts the images carry: the health check and the weight download step."""
+"""The script the images carry besides the package: the health check. (Their download step is
+`medmo-serve --download-only`: tests/test_cli.py and tests/startup.)"""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +16,6 @@ import pytest
 from tests.deploy.files import REPOSITORY
 
 HEALTHCHECK = REPOSITORY / "docker" / "healthcheck.py"
-FETCH_WEIGHTS = REPOSITORY / "docker" / "fetch_weights.py"
 
 
 def load(path: Path) -> ModuleType:
@@ -104,36 +101,3 @@ def test_a_closed_port_is_unhealthy(healthcheck: Callable[[list[str]], int]) -> 
         placeholder.bind(("127.0.0.1", 0))
         port = placeholder.getsockname()[1]
     assert healthcheck(["healthcheck", f"http://127.0.0.1:{port}/readyz"]) == 1
-
-
-def run_fetch_weights(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # A separate process: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, when imported.
-    clean = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "MEDMO_"))}
-    return subprocess.run(
-        [sys.executable, str(FETCH_WEIGHTS)],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def test_fetch_weights_leaves_a_local_model_folder_alone(tmp_path: Path) -> None:
-    model = tmp_path / "MedMO-8B-Next"
-    model.mkdir()
-    result = run_fetch_weights(
-        {"MEDMO_MODEL": str(model), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    )
-    assert result.returncode == 0, result.stderr
-    assert "local folder" in result.stdout
-    assert not (tmp_path / "hf").exists()
-
-
-def test_fetch_weights_offline_fails_when_the_cache_lacks_the_model(tmp_path: Path) -> None:
-    # The check a cluster without internet relies on: an empty cache is an error, named, not a hang.
-    result = run_fetch_weights(
-        {"MEDMO_MODEL": "MBZUAI/MedMO-8B-Next", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    )
-    assert result.returncode == 1
-    assert "could not fetch MBZUAI/MedMO-8B-Next" in result.stderr
