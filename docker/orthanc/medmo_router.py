@@ -1,7 +1,7 @@
 """Orthanc's Python plugin script ("PythonScript"): stable series are routed to MedMO Serve.
 
-The glue between Orthanc and the router (`medmo_queue.py`, rules in `medmo_routing.py`, both in this
-folder, which the plugin puts on Python's path): Orthanc's events go in, its REST API and log are handed
+The glue between Orthanc and the router (`medmo_senders.py`, its queue in `medmo_queue.py`, its rules in
+`medmo_routing.py`, all in this folder, which the plugin puts on Python's path): Orthanc's events go in, its REST API and log are handed
 over. `GET /medmo/queue` on Orthanc's own REST API (behind its login) says what is queued.
 
 Why a Python plugin and not a Lua script: Orthanc 1.10's Lua has no timer (no OnHeartBeat) and its
@@ -17,8 +17,9 @@ import json
 from typing import Any
 
 import orthanc  # type: ignore[import-not-found]  # exists only inside Orthanc
-from medmo_queue import Queue, ResourceGoneError, Router
+from medmo_queue import Queue
 from medmo_routing import LOG_PREFIX, ROUTED, ConfigurationError, RouterSettings
+from medmo_senders import ResourceGoneError, Router
 
 
 class PluginOrthanc:

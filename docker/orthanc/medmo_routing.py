@@ -1,11 +1,12 @@
 """Series-level routing from Orthanc to MedMO Serve: the rules.
 
-Orthanc's Python plugin runs `medmo_router.py`, which hands Orthanc's events and REST API to the queue
-(`medmo_queue.py`); this module holds what both decide with: the "MedMO" settings, the tasks, which
-instances of a series to send, and one request to the service with what its answer means. Standard
-library only: the plugin runs Debian's or the Orthanc image's interpreter, not the service's virtual
-environment. Apart from `medmo_router.py`, nothing here imports Orthanc's module, so it is tested outside
-Orthanc as well as inside (the Orthanc book's advice for Python plugins).
+Orthanc's Python plugin runs `medmo_router.py`, which hands Orthanc's events and REST API to the senders
+(`medmo_senders.py`, their queue in `medmo_queue.py`); this module holds what they decide with: the
+"MedMO" settings, the tasks, which instances of a series to send, and one request to the service with
+what its answer means. Standard library only: the plugin runs Debian's or the Orthanc image's
+interpreter, not the service's virtual environment. Apart from `medmo_router.py`, nothing here imports
+Orthanc's module, so it is tested outside Orthanc as well as inside (the Orthanc book's advice for
+Python plugins).
 """
 
 from __future__ import annotations

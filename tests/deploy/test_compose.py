@@ -158,7 +158,9 @@ def test_orthanc_mounts_the_shipped_configuration_and_script(compose: dict[str, 
     assert (COMPOSE_DIR / mounted["/etc/orthanc/orthanc.json"]).resolve() == ORTHANC_CONFIG
     # The router is mounted where orthanc.json looks for it, with the modules it imports beside it.
     script = Path(config["PythonScript"])
-    for module in ("medmo_router.py", "medmo_queue.py", "medmo_routing.py"):
+    modules = sorted(path.name for path in ORTHANC_CONFIG.parent.glob("medmo_*.py"))
+    assert modules == ["medmo_queue.py", "medmo_router.py", "medmo_routing.py", "medmo_senders.py"]
+    for module in modules:
         assert (
             COMPOSE_DIR / mounted[str(script.parent / module)]
         ).resolve() == ORTHANC_CONFIG.parent / module
