@@ -50,8 +50,18 @@ def configure_logging(level: str = "info") -> None:
         logger.propagate = True
     # uvicorn's access log writes the raw request line, query string included; ours replaces it.
     logging.getLogger("uvicorn.access").disabled = True
-    # Libraries that chat at INFO about downloads and weights.
-    for noisy in ("httpx", "httpx2", "huggingface_hub", "transformers", "filelock", "urllib3"):
+    # Libraries that chat at INFO about downloads and weights; the HTTP clients also write every URL they
+    # request, and the PACS's URLs (DICOMweb) hold Study, Series and SOP Instance UIDs.
+    for noisy in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+        "huggingface_hub",
+        "transformers",
+        "filelock",
+        "urllib3",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # pydicom logs what it reads at DEBUG, and its warnings quote element values: patient data. highdicom
     # logs the source's UIDs at INFO while building a report, and a doubtful patient name at WARNING.

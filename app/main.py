@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
-from app.api import chat, chat_models, ops, tasks, viewer
+from app.api import chat, chat_models, dicomweb, ops, tasks, viewer
 from app.api.deps import Service
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
@@ -57,7 +57,7 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         upload_fields=(*(task.fields for task in TASKS.values()), viewer.PreviewFields),
-        body_models=(chat_models.ChatCompletionRequest,),
+        body_models=(chat_models.ChatCompletionRequest, *dicomweb.REQUEST_MODELS.values()),
         # Served by install_docs from files in the package instead of FastAPI's CDN-loading pages.
         docs_url=None,
         redoc_url=None,
@@ -68,6 +68,7 @@ def create_app(
     app.state.engine_factory = engine_factory
     install_error_handlers(app)
     app.include_router(tasks.router)
+    app.include_router(dicomweb.router)
     app.include_router(chat.router)
     app.include_router(viewer.router)
     app.mount(viewer.ASSETS_PATH, viewer.assets(), name="viewer-assets")

@@ -151,6 +151,37 @@ class TaskResponse(BaseModel):
     )
 
 
+# --- the PACS (DICOMweb) ---
+
+
+class StoredInstance(BaseModel):
+    """An answer stored into the PACS with STOW-RS, in the source's study."""
+
+    object: Literal["sr", "gsps"] = Field(
+        description="sr: the DICOM Structured Report; gsps: the Grayscale Softcopy Presentation State.",
+        examples=["sr"],
+    )
+    study_instance_uid: str = Field(
+        description="The study it was filed in: the source's.", examples=["1.2.840.113619.2.1"]
+    )
+    series_instance_uid: str = Field(
+        description="Its own new series.", examples=["1.2.826.0.1.3680043.10.511.3.1"]
+    )
+    sop_instance_uid: str = Field(
+        description="The object's SOP Instance UID.", examples=["1.2.826.0.1.3680043.10.511.3.2"]
+    )
+    sop_class_uid: str = Field(
+        description="Comprehensive SR or Grayscale Softcopy Presentation State.",
+        examples=["1.2.840.10008.5.1.4.1.1.88.33"],
+    )
+    retrieve_url: str | None = Field(
+        description="Where the PACS says it can be retrieved (WADO-RS), as the PACS wrote it; null if it did not say.",
+        examples=[
+            "http://orthanc:8042/dicom-web/studies/1.2.840.113619.2.1/series/1.2.826.0.1.3680043.10.511.3.1/instances/1.2.826.0.1.3680043.10.511.3.2"
+        ],
+    )
+
+
 # --- operations ---
 
 

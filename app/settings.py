@@ -6,10 +6,12 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.pacs.dicomweb import read_credentials
 from app.schemas import BoxConvention
 from app.tasks import TASKS
 
@@ -142,6 +144,27 @@ class _Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(False, description="Require an API key for /metrics too.")
 
+    # --- the PACS, over DICOMweb (the /dicomweb/... routes) ---
+    dicomweb_url: str | None = Field(
+        None,
+        description="Base URL of the PACS's DICOMweb service, e.g. http://orthanc:8042/dicom-web: the /dicomweb/"
+        "... routes fetch images from it (WADO-RS) and store answers into it (STOW-RS). Unset: they answer 503.",
+    )
+    dicomweb_credentials_file: Path | None = Field(
+        None,
+        description="File holding the PACS login: 'user:password' (HTTP Basic) or 'Bearer <token>' on its first "
+        "line; re-read at every call.",
+    )
+    dicomweb_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest one call to the PACS may take, connecting to last byte."
+    )
+    dicomweb_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Further tries of a PACS call that could not connect or was answered 502, 503 or 504.",
+    )
+
     # --- HTTP ---
     upload_timeout_s: float = Field(
         60.0, gt=0, description="Time allowed to receive a request's body; slower uploads get 408."
@@ -189,6 +212,27 @@ class _Settings(BaseSettings):
     def _strong_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_keys(value.get_secret_value().split(","))
+        return value
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _dicomweb_base(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL, e.g. http://orthanc:8042/dicom-web")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL, without a query or fragment")
+        if parts.username or parts.password:
+            raise ValueError("must not hold a login: put it in MEDMO_DICOMWEB_CREDENTIALS_FILE")
+        return value.rstrip("/")
+
+    @field_validator("dicomweb_credentials_file")
+    @classmethod
+    def _readable_credentials(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_credentials(value)  # the message names the problem, never the content
         return value
 
     @model_validator(mode="after")

@@ -47,7 +47,11 @@ class RunningServer:
 
 
 def wait_until_answering(
-    process: subprocess.Popen[bytes], url: str, log_path: Path, timeout_s: float
+    process: subprocess.Popen[bytes],
+    url: str,
+    log_path: Path,
+    timeout_s: float,
+    auth: tuple[str, str] | None = None,
 ) -> None:
     """Poll `url` until it answers 200; fail with the process's log if it exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
@@ -55,7 +59,7 @@ def wait_until_answering(
         if process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if httpx.get(url, auth=auth, timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -71,9 +75,12 @@ def serve(
     env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 120,
     command: list[str] | None = None,
+    port: int | None = None,
 ) -> Iterator[RunningServer]:
-    """Start `medmo-serve` for `model` (or `command`, configured by MEDMO_* in `env`) and wait until ready."""
-    port = free_port()
+    """Start `medmo-serve` for `model` (or `command`, configured by MEDMO_* in `env`) and wait until ready.
+
+    On `port` when given (a client configured before the server starts), else on a free one."""
+    port = port or free_port()
     environment = {**os.environ, "MEDMO_PORT": str(port), **(env or {})}
     if model is not None:
         environment["MEDMO_MODEL"] = str(model)

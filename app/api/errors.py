@@ -34,6 +34,7 @@ from app.imaging import (
     UnusableImageError,
 )
 from app.outputs.dicom_sr import ReportSourceError
+from app.pacs.dicomweb import PacsError, PacsNotConfiguredError, PacsNotFoundError, PacsTimeoutError
 from app.schemas import ErrorResponse
 
 logger = logging.getLogger("medmo.api")
@@ -65,6 +66,11 @@ _STATUS_BY_TYPE: list[tuple[type[Exception], int, str]] = [
     (DeadlineExceededError, 504, "timeout"),
     (TimeoutError, 504, "timeout"),
     (BatchFailedError, 500, "inference_failed"),
+    # The PACS, over DICOMweb: the client named an image it does not have, or the PACS failed.
+    (PacsNotFoundError, 404, "not_found"),
+    (PacsTimeoutError, 504, "pacs_timeout"),
+    (PacsNotConfiguredError, 503, "dicomweb_not_configured"),
+    (PacsError, 502, "pacs_error"),
 ]
 
 _HTTP_CODES = {

@@ -170,6 +170,12 @@ TAGS = [
         "Accept asks for application/dicom.",
     },
     {
+        "name": "dicomweb",
+        "description": "The same tasks on an image in the PACS, named by its Study, Series and SOP Instance "
+        "UIDs: the service fetches it with WADO-RS from the PACS it is configured with (never from a URL a "
+        "client sends), and stores the answer back into the study with STOW-RS when asked.",
+    },
+    {
         "name": "viewer",
         "description": "What the viewer page at / uses, and integrators too: an upload as the service "
         "displays it, without running the model.",

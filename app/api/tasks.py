@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse
@@ -123,25 +123,34 @@ def anchorable_state(image: DecodedImage) -> None:
     check_presentation_source(image.dicom)
 
 
+def dicom_answer(
+    kind: Literal["dicom", "gsps"],
+    task: Task[Any, Any],
+    fields: TaskFields,
+    parsed: Any,
+    submitted: Submitted,
+) -> bytes:
+    """The answer as a DICOM object in the source's study: a Structured Report (dicom) or a Grayscale
+    Softcopy Presentation State (gsps). CPU work, for the preparation pool."""
+    description = submitted.running.runtime.description
+    author = Author(model=description.model, revision=description.revision)
+    source = submitted.image.dicom
+    assert source is not None  # anchorable_report / anchorable_state refused the rest before the model ran
+    if kind == "gsps":
+        return presentation_state(source, author, task.annotations(parsed) or [])
+    return structured_report(source, author, task.report_content(fields, parsed, source), task.report_title)
+
+
 async def drawn_or_filed(
     wanted: Representation, task: Task[Any, Any], fields: TaskFields, parsed: Any, submitted: Submitted
 ) -> Response:
     """The answer as a DICOM object for the source's study, or as the picture with its findings drawn,
     built off the event loop."""
-    description = submitted.running.runtime.description
-    author = Author(model=description.model, revision=description.revision)
-    source = submitted.image.dicom
-    annotations = task.annotations(parsed) or []
 
     def build() -> bytes:
-        if wanted == "gsps":
-            assert source is not None  # anchorable refused the rest before the model ran
-            return presentation_state(source, author, annotations)
-        if wanted == "dicom":
-            assert source is not None
-            return structured_report(
-                source, author, task.report_content(fields, parsed, source), task.report_title
-            )
+        if wanted == "dicom" or wanted == "gsps":
+            return dicom_answer(wanted, task, fields, parsed, submitted)
+        annotations = task.annotations(parsed) or []
         return overlay.encode(overlay.draw(submitted.image.picture, annotations), IMAGES[wanted])
 
     document = await in_pool(submitted.running.prepare_pool, build)

@@ -158,9 +158,16 @@ def test_orthanc_mounts_the_shipped_configuration_and_script(compose: dict[str, 
     mounted = mounts(orthanc)
     config = orthanc_config()
     assert (COMPOSE_DIR / mounted["/etc/orthanc/orthanc.json"]).resolve() == ORTHANC_CONFIG
-    # The script is mounted where orthanc.json looks for it.
-    (script_path,) = config["LuaScripts"]
-    assert (COMPOSE_DIR / mounted[script_path]).resolve() == ORTHANC_CONFIG.parent / "autoroute.lua"
+    # The router is mounted where orthanc.json looks for it, with the modules it imports beside it.
+    script = Path(config["PythonScript"])
+    modules = sorted(path.name for path in ORTHANC_CONFIG.parent.glob("medmo_*.py"))
+    assert modules == ["medmo_queue.py", "medmo_router.py", "medmo_routing.py", "medmo_senders.py"]
+    for module in modules:
+        assert (
+            COMPOSE_DIR / mounted[str(script.parent / module)]
+        ).resolve() == ORTHANC_CONFIG.parent / module
+    assert script.name == "medmo_router.py"
+    assert environment(orthanc)["PYTHON_PLUGIN_ENABLED"] == "true"
     assert all(volume.endswith(":ro") for volume in orthanc["volumes"] if volume.startswith("./"))
     # Its own storage, on a named volume at orthanc.json's StorageDirectory.
     assert mounted[config["StorageDirectory"]] in compose["volumes"]
@@ -170,9 +177,11 @@ def test_orthanc_mounts_the_shipped_configuration_and_script(compose: dict[str, 
     )
 
 
-def test_orthanc_reaches_medmo_once_it_is_healthy(compose: dict[str, Any]) -> None:
+def test_orthanc_routes_to_medmo_without_waiting_for_it(compose: dict[str, Any]) -> None:
     orthanc = compose["services"]["orthanc"]
-    assert orthanc["depends_on"]["medmo"]["condition"] == "service_healthy"
+    # The PACS takes images while the service loads or restarts; its router's queue waits instead.
+    assert "depends_on" not in orthanc
+    assert mounts(orthanc)[orthanc_config()["StorageDirectory"]] in compose["volumes"]
     url = urlsplit(orthanc_config()["MedMO"]["Url"])
     # orthanc.json's URL names the compose service and the port the server listens on.
     assert url.hostname in compose["services"]

@@ -1,0 +1,330 @@
+"""A DICOMweb client for the one PACS the service is configured with: fetch an instance (WADO-RS), store
+DICOM objects into a study (STOW-RS).
+
+Only URLs built here are requested: the configured base (MEDMO_DICOMWEB_URL) followed by UIDs that the
+routes validated as DICOM UIDs; nothing a client sends is ever fetched. Each call is bounded: in time
+(MEDMO_DICOMWEB_TIMEOUT_S, from connecting to the last byte), in retries (MEDMO_DICOMWEB_RETRIES, only when
+the PACS could not be reached or answered 502, 503 or 504), and in bytes (counted as they arrive, so a PACS
+sending too much is cut off, not buffered). Failures are exceptions that the API maps to statuses: no such
+instance (404), PACS unreachable or misbehaving (502), PACS too slow (504), not configured (503). Logs say
+which call failed and how, never a URL: URLs hold UIDs.
+
+httpx2 (the maintained continuation of httpx, already a dependency of the Hugging Face hub client) makes
+the calls asynchronously, so a request's deadline and its client hanging up cancel them; python-multipart
+(already parsing the service's uploads) reads the multipart/related answer of WADO-RS as it streams.
+dicomweb-client was considered: it is synchronous (requests), reads whole responses without a bound, and
+would add requests to the service's dependencies for two calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx2
+from pydicom import Dataset
+from python_multipart.multipart import MultipartParser
+
+from app.imaging import ImageTooLargeError
+
+logger = logging.getLogger("medmo.dicomweb")
+
+# A DICOM UID (PS3.5 9.1): numeric components without leading zeros, dot-separated, at most 64 characters.
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+UID_MAX_LENGTH = 64
+# The instance in whatever transfer syntax the PACS holds it: the service decodes the compressed ones
+# itself, and asking for another would make the PACS transcode (or refuse, without the codec).
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+DICOM_JSON = "application/dicom+json"
+# A STOW-RS answer lists what was stored; far less than this.
+MAX_STORE_ANSWER_BYTES = 1024 * 1024
+# Statuses that say "not now" (a gateway, or the PACS itself, restarting); others are final.
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+FIRST_RETRY_DELAY_S = 0.25
+
+T = TypeVar("T")
+
+
+class PacsError(Exception):
+    """The PACS failed to do what was asked; the message is for the client and holds no UID."""
+
+
+class PacsNotFoundError(PacsError):
+    """The PACS has no instance with these UIDs."""
+
+
+class PacsTimeoutError(PacsError):
+    """The PACS did not answer in time."""
+
+
+class PacsNotConfiguredError(PacsError):
+    """No PACS is configured (MEDMO_DICOMWEB_URL), or its credentials cannot be read."""
+
+
+class _TryAgainError(Exception):
+    """A failure that another try may not have: the PACS unreachable, or answering 502, 503, 504."""
+
+    def __init__(self, final: PacsError) -> None:
+        super().__init__(str(final))
+        self.final = final
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    url: str  # the DICOMweb base, without a trailing slash
+    credentials_file: Path | None
+    timeout_s: float  # per call, connecting to the last byte
+    retries: int
+    max_instance_bytes: int
+
+
+@dataclass(frozen=True)
+class StoredReference:
+    """What the PACS says it stored: the object, and where it can be retrieved (its own URL, as it wrote
+    it: returned to the client, never requested here)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    retrieve_url: str | None
+
+
+def read_credentials(path: Path) -> str:
+    """The Authorization header for the PACS from its credentials file: the first line that is not empty
+    or a # comment, either `user:password` (HTTP Basic) or `Bearer <token>`. Raises ValueError naming the
+    problem, never the content."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the PACS credentials file ({type(exc).__name__})") from None
+    entry = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
+    if entry[:7].lower() == "bearer " and entry[7:].strip():
+        return f"Bearer {entry[7:].strip()}"
+    user, colon, password = entry.partition(":")
+    if not colon or not user:
+        raise ValueError("the PACS credentials file must hold 'user:password' or 'Bearer <token>'")
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+class Dicomweb:
+    """Calls to the configured PACS; one client per request, closed with it."""
+
+    def __init__(self, settings: PacsSettings) -> None:
+        self.settings = settings
+
+    def _client(self) -> httpx2.AsyncClient:
+        headers = {}
+        if self.settings.credentials_file is not None:
+            try:
+                # Read at every request: a rotated password is used at once, without a restart.
+                headers["Authorization"] = read_credentials(self.settings.credentials_file)
+            except ValueError as exc:
+                logger.warning("DICOMweb credentials: %s", exc)
+                raise PacsNotConfiguredError(
+                    "the PACS credentials cannot be read: see the server's log"
+                ) from None
+        # Uncompressed, so that the byte limit counts what is held in memory: a gzip stream could inflate a
+        # thousandfold between two counts.
+        headers["Accept-Encoding"] = "identity"
+        return httpx2.AsyncClient(
+            headers=headers,
+            timeout=httpx2.Timeout(self.settings.timeout_s),
+            # Only the configured PACS is called: a redirect could send the login, and the request, elsewhere.
+            follow_redirects=False,
+            # Proxy variables in the environment are for the internet; the PACS is on the hospital network.
+            trust_env=False,
+        )
+
+    async def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
+        """The instance's DICOM file (WADO-RS), at most `max_instance_bytes` long."""
+        url = f"{self.settings.url}/studies/{study}/series/{series}/instances/{instance}"
+        async with self._client() as client:
+            return await self._with_retries("retrieve", lambda: self._retrieve(client, url))
+
+    async def store(self, study: str, documents: Sequence[bytes]) -> list[StoredReference]:
+        """Store DICOM files into a study (STOW-RS); what the PACS says it stored."""
+        boundary = uuid.uuid4().hex
+        body = (
+            b"".join(
+                b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), document)
+                for document in documents
+            )
+            + b"--%s--\r\n" % boundary.encode()
+        )
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": DICOM_JSON,
+        }
+        url = f"{self.settings.url}/studies/{study}"
+        async with self._client() as client:
+            return await self._with_retries(
+                "store", lambda: self._store(client, url, body, headers, len(documents))
+            )
+
+    async def _with_retries(self, call: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One call, tried again (after 0.25 s, 0.5 s, ...) only when the PACS could not be reached or said
+        it is unavailable; a PACS that is slow to answer is not asked again (504)."""
+        tries = self.settings.retries + 1
+        for number in range(1, tries + 1):
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    return await attempt()
+            except (TimeoutError, httpx2.ReadTimeout, httpx2.WriteTimeout, httpx2.PoolTimeout) as exc:
+                logger.warning(
+                    "DICOMweb %s: %s after %g s", call, type(exc).__name__, self.settings.timeout_s
+                )
+                raise PacsTimeoutError(
+                    f"the PACS did not answer within {self.settings.timeout_s:g} s"
+                ) from None
+            except (httpx2.TransportError, _TryAgainError) as exc:  # ConnectTimeout included
+                failure = (
+                    exc.final
+                    if isinstance(exc, _TryAgainError)
+                    else PacsError("the PACS could not be reached")
+                )
+                logger.warning("DICOMweb %s: %s (try %d of %d)", call, failure, number, tries)
+                if number == tries:
+                    raise failure from None
+            await asyncio.sleep(FIRST_RETRY_DELAY_S * 2 ** (number - 1))
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    async def _retrieve(self, client: httpx2.AsyncClient, url: str) -> bytes:
+        async with client.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as response:
+            if response.status_code == 404:
+                raise PacsNotFoundError("the PACS has no instance with these UIDs")
+            _check_status(response, "retrieving the instance")
+            _check_uncompressed(response)
+            media_type, parameters = _media_type(response.headers.get("content-type", ""))
+            if media_type != "multipart/related" or not parameters.get("boundary"):
+                raise PacsError(f"the PACS answered {media_type or 'no media type'}, not multipart/related")
+            reader = _FirstPart(parameters["boundary"], self.settings.max_instance_bytes)
+            async for chunk in response.aiter_raw():
+                reader.feed(chunk)
+            return reader.finish()
+
+    async def _store(
+        self, client: httpx2.AsyncClient, url: str, body: bytes, headers: dict[str, str], count: int
+    ) -> list[StoredReference]:
+        async with client.stream("POST", url, content=body, headers=headers) as response:
+            _check_uncompressed(response)
+            answer = bytearray()
+            async for chunk in response.aiter_raw():
+                answer += chunk
+                if len(answer) > MAX_STORE_ANSWER_BYTES:
+                    raise PacsError("the PACS answered the store with more than 1 MiB")
+            # 409: nothing stored; the body says why, read below.
+            if response.status_code != 409:
+                _check_status(response, "storing the answer")
+        return _stored(bytes(answer), count, response.status_code)
+
+
+def _check_status(response: httpx2.Response, doing: str) -> None:
+    status = response.status_code
+    if status < 300:
+        return
+    if status in RETRYABLE_STATUSES:
+        raise _TryAgainError(PacsError(f"the PACS answered {status} {doing}"))
+    if status in (401, 403):
+        raise PacsError(f"the PACS refused the service's credentials ({status}) {doing}")
+    raise PacsError(f"the PACS answered {status} {doing}")
+
+
+def _check_uncompressed(response: httpx2.Response) -> None:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise PacsError(f"the PACS answered with Content-Encoding {encoding[:32]}, though asked for none")
+
+
+def _media_type(header: str) -> tuple[str, dict[str, str]]:
+    media_type, *parameters = (part.strip() for part in header.split(";"))
+    pairs = {}
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        pairs[name.strip().lower()] = value.strip().strip('"')
+    return media_type.lower(), pairs
+
+
+class _FirstPart:
+    """The first part of a multipart/related stream, parsed as it arrives, within a byte limit."""
+
+    def __init__(self, boundary: str, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.parts = 0
+        self.data = bytearray()
+        self.ended = False
+
+        def on_part_begin() -> None:
+            self.parts += 1
+
+        def on_part_data(data: bytes, start: int, end: int) -> None:
+            if self.parts == 1:  # an instance retrieve has one part; any other is ignored
+                self.data += data[start:end]
+
+        def on_end() -> None:
+            self.ended = True
+
+        self.parser = MultipartParser(
+            boundary,
+            {"on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_end": on_end},
+            max_header_count=32,
+        )
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        # Headers and boundaries add a little to the file itself.
+        if self.received > self.max_bytes + 64 * 1024:
+            raise ImageTooLargeError(
+                f"the instance in the PACS is larger than the limit of {self.max_bytes} bytes"
+            )
+        try:
+            self.parser.write(chunk)
+        except Exception as exc:  # python-multipart raises its own error types, and ValueError
+            raise PacsError(f"the PACS's multipart answer is malformed ({type(exc).__name__})") from None
+
+    def finish(self) -> bytes:
+        if not self.ended or self.parts == 0:
+            raise PacsError("the PACS's answer holds no DICOM instance")
+        if len(self.data) > self.max_bytes:
+            raise ImageTooLargeError(
+                f"the instance in the PACS is larger than the limit of {self.max_bytes} bytes"
+            )
+        return bytes(self.data)
+
+
+def _stored(answer: bytes, count: int, status: int) -> list[StoredReference]:
+    """The STOW-RS response (a DICOM JSON dataset): what was stored, or why not."""
+    try:
+        dataset = Dataset.from_json(answer.decode("utf-8"))
+    except (ValueError, TypeError, KeyError):
+        raise PacsError(
+            f"the PACS answered the store ({status}) without a readable DICOM JSON body"
+        ) from None
+    failed = list(dataset.get("FailedSOPSequence", []))
+    if failed or status == 409:
+        reasons = sorted({f"{int(item.get('FailureReason', 0)):04X}H" for item in failed}) or ["unstated"]
+        raise PacsError(
+            f"the PACS did not store {len(failed) or count} of {count} objects "
+            f"(failure reason {', '.join(reasons)})"
+        )
+    stored = [
+        StoredReference(
+            sop_class_uid=str(item.get("ReferencedSOPClassUID", "")),
+            sop_instance_uid=str(item.get("ReferencedSOPInstanceUID", "")),
+            retrieve_url=str(item.RetrieveURL) if item.get("RetrieveURL") else None,
+        )
+        for item in dataset.get("ReferencedSOPSequence", [])
+    ]
+    if len(stored) != count:
+        raise PacsError(f"the PACS confirmed {len(stored)} of the {count} objects stored")
+    return stored
+
+
+def is_uid(value: str) -> bool:
+    return len(value) <= UID_MAX_LENGTH and re.fullmatch(UID_PATTERN, value) is not None

@@ -1,0 +1,162 @@
+"""Series-level routing from Orthanc to MedMO Serve: the durable queue.
+
+Series waiting to be planned, and work items (an instance and a task) waiting to be sent, in an SQLite file
+beside Orthanc's index. Each step commits before the next, so stopping Orthanc (or the service) at any
+point loses nothing; at worst an answer stored just before a crash, before its instance's metadata is
+written, is filed twice after the restart.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    instance_id: str
+    task: str
+    series_uid: str  # for the one log line that reports a failure
+    attempts: int = 0
+
+
+class Queue:
+    """Series waiting to be planned and work items waiting to be sent, in one SQLite file.
+
+    Every change is its own committed transaction, so whatever stops Orthanc, the file holds either the
+    state before a step or the state after it.
+    """
+
+    def __init__(self, path: str) -> None:
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        # One connection shared by the plugin's threads, each use under the lock.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS series (
+                    id TEXT PRIMARY KEY,
+                    stable INTEGER NOT NULL,  -- 0: instances may still arrive
+                    due REAL                  -- when to plan it; NULL: when Orthanc says it is stable
+                );
+                CREATE TABLE IF NOT EXISTS work (
+                    instance_id TEXT NOT NULL,
+                    task TEXT NOT NULL,
+                    series_uid TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    due REAL NOT NULL,
+                    PRIMARY KEY (instance_id, task)
+                );
+                CREATE INDEX IF NOT EXISTS work_by_due ON work (due);
+                """
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def series_arrived(self, series_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO series (id, stable, due) VALUES (?, 0, NULL)", (series_id,)
+            )
+
+    def series_stable(self, series_id: str, now: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO series (id, stable, due) VALUES (?, 1, ?)", (series_id, now)
+            )
+
+    def resume(self, now: float, stable_age_s: float) -> int:
+        """After a restart: Orthanc no longer watches the series that were still arriving, and will never
+        call them stable. Plan them once they have been quiet for StableAge, as Orthanc would have."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE series SET due = ? WHERE stable = 0 AND due IS NULL", (now + stable_age_s,)
+            )
+            return cursor.rowcount
+
+    def wait_for_stability(self, series_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE series SET stable = 0, due = NULL WHERE id = ?", (series_id,))
+
+    def due_series(self, now: float, busy: Iterable[str]) -> str | None:
+        busy = set(busy)
+        with self._lock:
+            # Only as many rows as could be skipped, plus one: the queue may hold thousands.
+            rows = self._db.execute(
+                "SELECT id FROM series WHERE due IS NOT NULL AND due <= ? ORDER BY due LIMIT ?",
+                (now, len(busy) + 1),
+            ).fetchall()
+        return next((row[0] for row in rows if row[0] not in busy), None)
+
+    def planned(self, series_id: str, items: Iterable[WorkItem], now: float) -> None:
+        """The series' work items replace the series, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO work (instance_id, task, series_uid, attempts, due) "
+                    "VALUES (?, ?, ?, 0, ?)",
+                    [(item.instance_id, item.task, item.series_uid, now) for item in items],
+                )
+                self._db.execute("DELETE FROM series WHERE id = ?", (series_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def due_work(self, now: float, busy: Iterable[tuple[str, str]]) -> WorkItem | None:
+        busy = set(busy)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT instance_id, task, series_uid, attempts FROM work WHERE due <= ? "
+                "ORDER BY due, rowid LIMIT ?",
+                (now, len(busy) + 1),
+            ).fetchall()
+        for instance_id, task, series_uid, attempts in rows:
+            if (instance_id, task) not in busy:
+                return WorkItem(instance_id, task, series_uid, attempts)
+        return None
+
+    def retry_later(self, item: WorkItem, attempts: int, due: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE work SET attempts = ?, due = ? WHERE instance_id = ? AND task = ?",
+                (attempts, due, item.instance_id, item.task),
+            )
+
+    def remove(self, item: WorkItem) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM work WHERE instance_id = ? AND task = ?", (item.instance_id, item.task)
+            )
+
+    def next_due(self) -> float | None:
+        with self._lock:
+            series = self._db.execute("SELECT MIN(due) FROM series").fetchone()[0]
+            work = self._db.execute("SELECT MIN(due) FROM work").fetchone()[0]
+        dues = [due for due in (series, work) if due is not None]
+        return min(dues) if dues else None
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            arriving = self._db.execute("SELECT COUNT(*) FROM series WHERE stable = 0").fetchone()[0]
+            stable = self._db.execute("SELECT COUNT(*) FROM series WHERE stable = 1").fetchone()[0]
+            work, retried = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM work"
+            ).fetchone()
+        return {
+            "series_arriving": arriving,
+            "series_to_plan": stable,
+            "work_pending": work,
+            "work_failed_before": retried,
+        }

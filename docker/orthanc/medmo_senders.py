@@ -1,0 +1,313 @@
+"""Series-level routing from Orthanc to MedMO Serve: the threads that plan series and send their images.
+
+What happens to a series:
+1. Orthanc reports a new series: it is recorded in the queue file as arriving. Orthanc keeps the series it
+   waits on to become stable in memory only; the record lets a restart pick up a series Orthanc forgot.
+2. Orthanc reports the series stable (no new instance for "StableAge" seconds): the modality's rule picks
+   the instances to send (every instance of a projection series; of a cross-sectional one the middle
+   slice by position, or a number of slices evenly spaced), and one work item per instance and task not
+   already done is queued, in the transaction that removes the series record.
+3. Senders take due work items. An answer (a DICOM SR or presentation state) is stored into Orthanc, in
+   the source's study, and the task is added to the instance's "MedMORouted" metadata, which is what makes
+   a series stored again, or stable again, file nothing new. 429, 503, an unreachable service and the
+   like are retried with exponential backoff, never sooner than the service's Retry-After, and hold all
+   sending until then: the service is overloaded or down, not the item. After `MaxAttempts` an item is
+   dropped and reported in Orthanc's log with its Series Instance UID only. Other refusals (422: not an
+   image the model can use, ...) are reported at once: sending again would not change the answer.
+
+The queue is an SQLite file beside Orthanc's index (`medmo_queue.py`), so stopping Orthanc or the service
+at any point loses nothing. Logs carry Orthanc identifiers (hashes), task names, statuses and, for
+failures, the Series Instance UID: never patient data.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from medmo_queue import Queue, WorkItem
+from medmo_routing import (
+    LOG_PREFIX,
+    NOT_IMAGES,
+    ROUTED,
+    Answer,
+    RouterSettings,
+    Slice,
+    ask,
+    choose,
+    is_dicom_file,
+    request_id,
+)
+
+
+class ResourceGoneError(Exception):
+    """Orthanc no longer has the series or instance (deleted meanwhile)."""
+
+
+class OrthancApi(Protocol):
+    """What the router needs of Orthanc: its REST API (from inside) and its log."""
+
+    def get_json(self, uri: str) -> Any: ...  # raises ResourceGoneError on an unknown resource
+
+    def get_bytes(self, uri: str) -> bytes: ...
+
+    def store(self, dicom: bytes) -> str: ...  # the stored instance's Orthanc ID
+
+    def put(self, uri: str, body: str) -> None: ...
+
+    def log_info(self, message: str) -> None: ...
+
+    def log_warning(self, message: str) -> None: ...
+
+
+@dataclass
+class Counters:
+    series_planned: int = 0
+    sent: int = 0
+    stored: int = 0
+    retried: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Router:
+    settings: RouterSettings
+    orthanc: OrthancApi
+    queue: Queue
+    clock: Callable[[], float] = time.time
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._busy_series: set[str] = set()
+        self._busy_work: set[tuple[str, str]] = set()
+        # Nothing is sent before this time: the service asked for a pause or could not be reached.
+        self._hold_until = 0.0
+        self._failures_in_a_row = 0
+        # Read-modify-write of an instance's metadata by two senders must not lose a task.
+        self._metadata_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle and events (called from Orthanc's callbacks) ---
+
+    def start(self) -> None:
+        resumed = self.queue.resume(self.clock(), self.settings.stable_age_s)
+        counts = self.queue.counts()
+        self.orthanc.log_info(
+            f"{LOG_PREFIX}routing to {self.settings.url}; {counts['work_pending']} queued, "
+            f"{resumed} series interrupted by a restart"
+        )
+        for number in range(self.settings.senders):
+            thread = threading.Thread(target=self._run, name=f"medmo-router-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """What is being sent stays queued, and is sent again after the restart."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def series_arrived(self, series_id: str) -> None:
+        self.queue.series_arrived(series_id)
+
+    def series_stable(self, series_id: str) -> None:
+        self.queue.series_stable(series_id, self.clock())
+        with self._wake:
+            self._wake.notify()
+
+    def status(self) -> dict[str, Any]:
+        """What is queued (in the file) and what happened since Orthanc started, for GET /medmo/queue."""
+        with self._wake:
+            held_s = max(0.0, self._hold_until - self.clock())
+            in_flight = len(self._busy_work)
+            counters = vars(self.counters).copy()
+        return {**self.queue.counts(), "in_flight": in_flight, "held_for_s": round(held_s, 3), **counters}
+
+    def _count(self, counter: str) -> None:
+        with self._wake:
+            setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+
+    # --- the senders ---
+
+    def _run(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            kind, key = job
+            try:
+                if kind == "series":
+                    self._plan(str(key))
+                else:
+                    assert isinstance(key, WorkItem)
+                    self._send(key)
+            except Exception as error:  # one bad job must not stop the sender
+                # Orthanc refusing to store an answer (disk full), a REST call failing: the job stays
+                # queued and is tried again later, within the same limit as a failing service.
+                self._unexpected(job, type(error).__name__)
+            finally:
+                with self._wake:
+                    if kind == "series":
+                        self._busy_series.discard(str(key))
+                    else:
+                        assert isinstance(key, WorkItem)
+                        self._busy_work.discard((key.instance_id, key.task))
+                    self._wake.notify_all()
+
+    def _next_job(self) -> tuple[str, str | WorkItem] | None:
+        """The next due series to plan, else the next due work item (unless sending is held); None once
+        stopping. Waits until something is due."""
+        with self._wake:
+            while not self._stopping:
+                now = self.clock()
+                series = self.queue.due_series(now, self._busy_series)
+                if series is not None:
+                    self._busy_series.add(series)
+                    return "series", series
+                if now >= self._hold_until:
+                    item = self.queue.due_work(now, self._busy_work)
+                    if item is not None:
+                        self._busy_work.add((item.instance_id, item.task))
+                        return "work", item
+                due = self.queue.next_due()
+                if due is not None and due <= now:
+                    # Due but held, or all in other senders' hands: the hold's end, or a finishing job
+                    # (which notifies), is the next chance.
+                    due = self._hold_until if now < self._hold_until else math.inf
+                wake_at = min(due if due is not None else math.inf, now + 30.0)
+                self._wake.wait(max(0.01, wake_at - now))
+        return None
+
+    def _unexpected(self, job: tuple[str, str | WorkItem], error: str) -> None:
+        kind, key = job
+        if kind == "series":
+            self.orthanc.log_warning(
+                f"{LOG_PREFIX}planning series {key} failed ({error}); trying again later"
+            )
+            self.queue.series_stable(str(key), self.clock() + self.settings.retry.max_delay_s)
+            return
+        assert isinstance(key, WorkItem)
+        attempts = key.attempts + 1
+        if attempts >= self.settings.retry.max_attempts:
+            self._give_up(key, f"{error} after {attempts} attempts")
+            return
+        self.queue.retry_later(key, attempts, self.clock() + self.settings.retry.delay(attempts))
+        self.orthanc.log_warning(
+            f"{LOG_PREFIX}{key.task} of instance {key.instance_id}: {error}; retrying later"
+        )
+
+    def _plan(self, series_id: str) -> None:
+        try:
+            series = self.orthanc.get_json(f"/series/{series_id}")
+        except ResourceGoneError:
+            self.queue.planned(series_id, [], self.clock())
+            return
+        if not series.get("IsStable", True):
+            # Instances arrive again (a modality resending after Orthanc restarted): Orthanc watches it now.
+            self.queue.wait_for_stability(series_id)
+            return
+        tags = series.get("MainDicomTags", {})
+        modality = str(tags.get("Modality", "")).upper()
+        rule = None if modality in NOT_IMAGES else self.settings.modalities.get(modality)
+        items: list[WorkItem] = []
+        if rule is not None and rule.tasks:
+            slices = [
+                Slice.from_orthanc(entry) for entry in self.orthanc.get_json(f"/series/{series_id}/instances")
+            ]
+            for chosen in choose(slices, rule.instances):
+                done = self._routed_tasks(chosen.instance_id)
+                items += [
+                    WorkItem(chosen.instance_id, task.name, str(tags.get("SeriesInstanceUID", "")))
+                    for task in rule.tasks
+                    if task.name not in done
+                ]
+        self.queue.planned(series_id, items, self.clock())
+        self._count("series_planned")
+        if rule is not None:
+            # Also when nothing is left to send: the series was stored again, and that was noticed.
+            self.orthanc.log_info(f"{LOG_PREFIX}series {series_id} ({modality}): {len(items)} to send")
+        with self._wake:
+            self._wake.notify_all()
+
+    def _routed_tasks(self, instance_id: str) -> set[str]:
+        metadata = self.orthanc.get_json(f"/instances/{instance_id}/metadata?expand")
+        return {task for task in str(metadata.get(ROUTED, "")).split(",") if task}
+
+    def _send(self, item: WorkItem) -> None:
+        task = next(
+            (t for rule in self.settings.modalities.values() for t in rule.tasks if t.name == item.task), None
+        )
+        if task is None:  # configuration changed since it was queued
+            self._give_up(item, "no longer configured")
+            return
+        try:
+            dicom = self.orthanc.get_bytes(f"/instances/{item.instance_id}/file")
+        except ResourceGoneError:
+            self.queue.remove(item)
+            self.orthanc.log_info(f"{LOG_PREFIX}{item.task} of instance {item.instance_id}: deleted, dropped")
+            return
+        self._count("sent")
+        answer = ask(self.settings, task, dicom, request_id(item.instance_id, task))
+        with self._wake:
+            if self._stopping:
+                # Orthanc is shutting down: its API may be gone. The item stays queued, and is sent
+                # again after the restart.
+                return
+        if answer.status == 200 and is_dicom_file(answer.body):
+            self._file(item, answer.body)
+            with self._wake:
+                self._failures_in_a_row = 0
+            return
+        if answer.status == 200:
+            self._give_up(item, f"the answer is not a DICOM file ({len(answer.body)} bytes)")
+        elif answer.retryable:
+            self._retry(item, answer)
+        else:
+            detail = f"{answer.status} {answer.problem}".strip()
+            self._give_up(item, f"the service refused it ({detail})")
+
+    def _file(self, item: WorkItem, answer: bytes) -> None:
+        stored = self.orthanc.store(answer)
+        with self._metadata_lock:
+            done = self._routed_tasks(item.instance_id) | {item.task}
+            self.orthanc.put(f"/instances/{item.instance_id}/metadata/{ROUTED}", ",".join(sorted(done)))
+        self.queue.remove(item)
+        self._count("stored")
+        self.orthanc.log_info(f"{LOG_PREFIX}{item.task} of instance {item.instance_id} stored as {stored}")
+
+    def _retry(self, item: WorkItem, answer: Answer) -> None:
+        attempts = item.attempts + 1
+        why = f"HTTP {answer.status}" if answer.status is not None else f"unreachable ({answer.problem})"
+        if attempts >= self.settings.retry.max_attempts:
+            self._give_up(item, f"{why} after {attempts} attempts")
+            return
+        now = self.clock()
+        with self._wake:
+            self._failures_in_a_row += 1
+            pause = self.settings.retry.delay(self._failures_in_a_row, answer.retry_after_s)
+            self._hold_until = max(self._hold_until, now + pause)
+        # The item itself goes behind the others by its own backoff, so that a long outage spreads the
+        # probing over the queue instead of exhausting the attempts of whichever item is first.
+        due = now + self.settings.retry.delay(attempts, answer.retry_after_s)
+        self.queue.retry_later(item, attempts, due)
+        self._count("retried")
+        self.orthanc.log_warning(
+            f"{LOG_PREFIX}{item.task} of instance {item.instance_id}: {why}; sending paused for "
+            f"{pause:.3g} s, this one retried in {due - now:.3g} s (attempt {attempts} of "
+            f"{self.settings.retry.max_attempts})"
+        )
+
+    def _give_up(self, item: WorkItem, why: str) -> None:
+        self.queue.remove(item)
+        self._count("failed")
+        # The one line an operator acts on: the series, by its UID only (no names, no IDs of patients).
+        self.orthanc.log_warning(f"{LOG_PREFIX}{item.task} failed for series {item.series_uid}: {why}")

@@ -1,0 +1,298 @@
+"""Tasks on images in the PACS, by UID: MedMO Serve fetches them from a real Orthanc over DICOMweb
+(WADO-RS, Orthanc's DICOMweb plugin, behind a login) and stores the answers back (STOW-RS).
+
+The PACS failing is tested for real too: a port nothing listens on (unreachable), a small server that
+trickles its answer (slow), the real Orthanc with a wrong password or an instance above the size limit.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from bench.servers import RunningServer, free_port, serve
+from tests.pacs.orthanc import RunningOrthanc, orthanc
+from tests.pacs.studies import PATIENT_ID, PATIENT_NAME, Examination, cr_study, ct_series
+
+# What the tiny checkpoint answers to every prompt: a report (findings, a blank line, the impression) and
+# one box.
+REPLY = "Nodule: [64, 64, 192, 128]\n\nNormal study."
+KEY = "dicomweb-test-key-000000001"
+PACS_USER, PACS_PASSWORD = "medmo", "pacs-password-for-tests-1"
+COMPREHENSIVE_SR, GSPS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+@pytest.fixture(scope="module")
+def examinations() -> tuple[Examination, Examination]:
+    return ct_series(5), cr_study(("PA",))
+
+
+@pytest.fixture(scope="module")
+def pacs(
+    tmp_path_factory: pytest.TempPathFactory, examinations: tuple[Examination, Examination]
+) -> Iterator[RunningOrthanc]:
+    """Orthanc as the PACS, its REST API and DICOMweb behind a login, routing nothing by itself."""
+    folder = tmp_path_factory.mktemp("pacs")
+    with orthanc(
+        folder, {"Url": "http://127.0.0.1:9", "Modalities": {}}, dicomweb_users={PACS_USER: PACS_PASSWORD}
+    ) as running:
+        for examination in examinations:
+            for data in examination.files:
+                running.store(data)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "pacs-login"
+    path.write_text(f"# the PACS's DICOMweb login\n{PACS_USER}:{PACS_PASSWORD}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def medmo(
+    pacs: RunningOrthanc,
+    credentials: Path,
+    reply_checkpoint: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningServer]:
+    env = {
+        "MEDMO_API_KEYS": KEY,
+        "MEDMO_LOG_LEVEL": "debug",
+        "MEDMO_DICOMWEB_URL": f"{pacs.url}/dicom-web/",
+        "MEDMO_DICOMWEB_CREDENTIALS_FILE": str(credentials),
+    }
+    with serve(reply_checkpoint(REPLY), tmp_path_factory.mktemp("medmo") / "medmo.log", env=env) as server:
+        yield server
+
+
+def path(dataset: pydicom.Dataset, task: str) -> str:
+    return (
+        f"/dicomweb/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+        f"/instances/{dataset.SOPInstanceUID}/{task}"
+    )
+
+
+def post(server_url: str, route: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{server_url}{route}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    )
+
+
+def test_an_image_pulled_by_its_uids_gets_the_tasks_json_with_its_dicom_block(
+    medmo: RunningServer, examinations: tuple[Examination, Examination]
+) -> None:
+    ct, _ = examinations
+    slice_ = ct.datasets[2]
+    answer = post(medmo.url, path(slice_, "report"), {"indication": "cough", "window": "lung"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["task"] == "report"
+    assert body["report"]["impression"] == "Normal study."
+    assert body["dicom"]["sop_instance_uid"] == slice_.SOPInstanceUID
+    assert body["dicom"]["series_instance_uid"] == slice_.SeriesInstanceUID
+    assert body["dicom"]["modality"] == "CT"
+    assert body["dicom"]["window"]["source"] == "lung"
+    assert body["image"] == {"width": 64, "height": 64}
+    assert body["stored"] == []
+
+    question = post(medmo.url, path(slice_, "vqa"), {"question": "Any nodule?"})
+    assert question.status_code == 200, question.text
+    assert question.json()["answer"] == REPLY
+
+
+def test_with_store_on_the_sr_and_the_presentation_state_are_filed_in_the_study(
+    medmo: RunningServer, pacs: RunningOrthanc, examinations: tuple[Examination, Examination]
+) -> None:
+    _, cr = examinations
+    image = cr.datasets[0]
+    answer = post(medmo.url, path(image, "ground"), {"target": "nodule", "store": ["sr", "gsps"]})
+    assert answer.status_code == 200, answer.text
+    stored = answer.json()["stored"]
+    assert [item["object"] for item in stored] == ["sr", "gsps"]
+    assert [item["sop_class_uid"] for item in stored] == [COMPREHENSIVE_SR, GSPS]
+
+    # Orthanc's REST API finds both in the image's study, as the response says.
+    found = httpx.post(
+        f"{pacs.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": image.StudyInstanceUID}, "Expand": True},
+        auth=(PACS_USER, PACS_PASSWORD),
+        timeout=30,
+    ).json()
+    filed = {instance["MainDicomTags"]["SOPInstanceUID"]: instance for instance in found}
+    for item in stored:
+        assert item["study_instance_uid"] == image.StudyInstanceUID
+        assert item["sop_instance_uid"] in filed
+        assert item["retrieve_url"].startswith(f"{pacs.url}/dicom-web/studies/{image.StudyInstanceUID}/")
+        assert item["retrieve_url"].endswith(item["sop_instance_uid"])
+        dataset = pydicom.dcmread(io.BytesIO(pacs.instance_file(filed[item["sop_instance_uid"]]["ID"])))
+        assert dataset.SeriesInstanceUID == item["series_instance_uid"]
+        assert dataset.PatientID == PATIENT_ID
+    state = pydicom.dcmread(io.BytesIO(pacs.instance_file(filed[stored[1]["sop_instance_uid"]]["ID"])))
+    assert (
+        state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+        == image.SOPInstanceUID
+    )
+
+
+def test_an_unknown_uid_is_a_404_and_a_malformed_one_a_422_in_the_error_shape(
+    medmo: RunningServer, examinations: tuple[Examination, Examination]
+) -> None:
+    ct, _ = examinations
+    known = ct.datasets[0]
+    unknown = f"/dicomweb/studies/{known.StudyInstanceUID}/series/{known.SeriesInstanceUID}/instances/1.2.3.4/report"
+    answer = post(medmo.url, unknown, {})
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "not_found"
+    assert set(answer.json()["error"]) == {"code", "message", "request_id"}
+    for malformed in ("1.2.abc", "1.02.3", "1." + "2" * 70, "1..2"):
+        route = f"/dicomweb/studies/{malformed}/series/{known.SeriesInstanceUID}/instances/{known.SOPInstanceUID}/report"
+        refused = post(medmo.url, route, {})
+        assert refused.status_code == 422, malformed
+        assert refused.json()["error"]["code"] == "invalid_request"
+    # The body is checked as strictly as on the task routes.
+    assert post(medmo.url, path(known, "report"), {"store": ["gsps"]}).status_code == 422
+    assert post(medmo.url, path(known, "vqa"), {}).status_code == 422
+    assert post(medmo.url, path(known, "report"), {"stream": True}).status_code == 422
+
+
+def test_the_service_log_holds_no_patient_data_and_no_uid(
+    medmo: RunningServer, examinations: tuple[Examination, Examination]
+) -> None:
+    ct, cr = examinations
+    # After the calls above (and one more failing at the PACS): the debug log of all of them.
+    post(medmo.url, path(ct.datasets[1], "ground"), {"store": ["sr"]})
+    log = medmo.log()
+    assert '"path": "/dicomweb/studies/{study_instance_uid}' in log
+    for value in (PATIENT_NAME, PATIENT_ID, "ACC-CT-0001", PACS_PASSWORD):
+        assert value not in log
+    for examination in (ct, cr):
+        for dataset in examination.datasets:
+            assert dataset.SOPInstanceUID not in log
+        assert examination.study_uid not in log
+
+
+# --- the PACS failing: in-process apps sharing one loaded model, each configured for its PACS ---
+
+
+@pytest.fixture(scope="module")
+def runtime(random_client: TestClient) -> Any:
+    return random_client.app.state.service.runtime  # type: ignore[attr-defined]
+
+
+def pull(runtime: Any, dataset: pydicom.Dataset, **settings: Any) -> tuple[httpx.Response, float]:
+    app = create_app(Settings(model="unused", **settings), runtime=runtime)
+    with TestClient(app) as client:
+        began = time.monotonic()
+        answer = client.post(path(dataset, "report"), json={})
+        return answer, time.monotonic() - began
+
+
+def test_without_a_configured_pacs_the_routes_answer_503(
+    runtime: Any, examinations: tuple[Examination, Examination]
+) -> None:
+    answer, _ = pull(runtime, examinations[0].datasets[0])
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "dicomweb_not_configured"
+
+
+def test_an_unreachable_pacs_is_a_502_after_its_retries(
+    runtime: Any, examinations: tuple[Examination, Examination]
+) -> None:
+    answer, took = pull(
+        runtime,
+        examinations[0].datasets[0],
+        dicomweb_url=f"http://127.0.0.1:{free_port()}/dicom-web",
+        dicomweb_retries=2,
+    )
+    assert answer.status_code == 502
+    assert answer.json()["error"] == {
+        **answer.json()["error"],
+        "code": "pacs_error",
+        "message": "the PACS could not be reached",
+    }
+    assert took >= 0.25 + 0.5  # two more tries, after 0.25 s and 0.5 s
+
+
+def test_a_pacs_refusing_the_login_is_a_502(
+    runtime: Any, pacs: RunningOrthanc, tmp_path: Path, examinations: tuple[Examination, Examination]
+) -> None:
+    wrong = tmp_path / "login"
+    wrong.write_text(f"{PACS_USER}:not-the-password\n")
+    answer, _ = pull(
+        runtime,
+        examinations[0].datasets[0],
+        dicomweb_url=f"{pacs.url}/dicom-web",
+        dicomweb_credentials_file=wrong,
+    )
+    assert answer.status_code == 502
+    assert "credentials" in answer.json()["error"]["message"]
+
+
+def test_an_instance_above_the_size_limit_is_a_413(
+    runtime: Any, pacs: RunningOrthanc, credentials: Path, examinations: tuple[Examination, Examination]
+) -> None:
+    # A 64x64 16-bit slice is over 8 KiB; the limit is 4 KiB.
+    answer, _ = pull(
+        runtime,
+        examinations[0].datasets[0],
+        dicomweb_url=f"{pacs.url}/dicom-web",
+        dicomweb_credentials_file=credentials,
+        max_upload_bytes=4096,
+    )
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "image_too_large"
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """A PACS that answers at once, then sends its instance a byte every 0.3 s: never silent long enough
+    for a read timeout, far too slow overall."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+        self.end_headers()
+        try:
+            self.wfile.write(b"--b\r\nContent-Type: application/dicom\r\n\r\n")
+            for _ in range(100):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass  # the service hung up, as it should
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_slow_pacs_is_a_504_within_the_timeout(
+    runtime: Any, examinations: tuple[Examination, Examination]
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        answer, took = pull(
+            runtime,
+            examinations[0].datasets[0],
+            dicomweb_url=f"http://127.0.0.1:{server.server_address[1]}/dicom-web",
+            dicomweb_timeout_s=1,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answer.status_code == 504
+    assert answer.json()["error"]["code"] == "pacs_timeout"
+    assert 1 <= took < 3
