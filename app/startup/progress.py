@@ -64,10 +64,13 @@ class StartupProgress:
         return self._state
 
     @contextmanager
-    def phase(self, phase: Phase, began: str, ended: str, **fields: object) -> Iterator[None]:
+    def phase(
+        self, phase: Phase, began: str, ended: str, *, measured: bool = False, **fields: object
+    ) -> Iterator[None]:
         """Log `began`, run the phase, then log `ended` with its duration. A phase that fails logs no end:
-        the error that stops the start says why."""
-        self._state = PhaseState(phase)
+        the error that stops the start says why. A `measured` phase knows its total before it starts (a
+        download's bytes), so it is at 0 % from its first moment rather than of unknown progress."""
+        self._state = PhaseState(phase, 0.0 if measured else None)
         logger.info(began, extra={"fields": {"phase": phase.value, **fields}})
         started = time.monotonic()
         # On a terminal, log lines written while bars are drawn would break them: tqdm writes them above.

@@ -216,6 +216,7 @@ def _download(name: str, commit: str, files: Sequence[DryRunFileInfo], progress:
         Phase.DOWNLOADING,
         began=f"downloading {name} at {commit[:12]}: {len(files)} files, {size}",
         ended=f"downloaded {name}",
+        measured=total > 0,
         model=name,
         commit=commit,
         files=len(files),

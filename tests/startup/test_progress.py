@@ -97,6 +97,17 @@ def test_a_failed_phase_logs_no_end_and_leaves_no_phase_behind(caplog: pytest.Lo
     assert progress.state is None
 
 
+def test_a_phase_whose_total_is_known_is_at_zero_from_its_first_moment() -> None:
+    # A download knows its bytes before the first one arrives: /readyz says 0 % rather than nothing.
+    progress = StartupProgress(interactive=False)
+    with progress.phase(Phase.DOWNLOADING, began="downloading", ended="downloaded", measured=True):
+        assert progress.state is not None
+        assert progress.state.percent == 0.0
+    with progress.phase(Phase.LOADING, began="loading", ended="loaded"):
+        assert progress.state is not None
+        assert progress.state.percent is None
+
+
 def test_loading_reports_the_tensors_transformers_puts_on_the_device(
     random_checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
