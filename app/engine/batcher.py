@@ -161,7 +161,10 @@ class Batcher(Generic[ItemT, ResultT]):
             if remaining <= 0:
                 raise DeadlineExceededError()
             try:
-                return await asyncio.wait_for(asyncio.shield(job.future), remaining)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that comes in
+                # the same loop iteration as the result.
+                async with asyncio.timeout(remaining):
+                    return await asyncio.shield(job.future)
             except TimeoutError:
                 raise DeadlineExceededError() from None
         finally:
@@ -223,7 +226,8 @@ class Batcher(Generic[ItemT, ResultT]):
                     break
                 self._arrival.clear()
                 try:
-                    await asyncio.wait_for(self._arrival.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._arrival.wait()
                 except TimeoutError:
                     break
             batch = self._take_batch(key)

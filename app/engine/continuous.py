@@ -463,13 +463,7 @@ class JobStream:
         job, metrics = self._job, self._engine._metrics
         try:
             while True:
-                remaining = job.deadline - time.monotonic()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    event = await asyncio.wait_for(job.mailbox.get(), remaining)
-                except TimeoutError:
-                    event = DeadlineExceededError()
+                event = await _next_event(job.mailbox, job.deadline)
                 if isinstance(event, BaseException):
                     if isinstance(event, DeadlineExceededError):
                         metrics.rejections.labels(reason="deadline").inc()
@@ -485,6 +479,25 @@ class JobStream:
     async def aclose(self) -> None:
         if not self._job.abandoned:
             self._engine.abandon(self._job)
+
+
+async def _next_event(
+    mailbox: asyncio.Queue[StreamEvent | BaseException], deadline: float
+) -> StreamEvent | BaseException:
+    """The next event in a request's mailbox, or DeadlineExceededError once `deadline` (monotonic) passes.
+
+    asyncio.timeout rather than wait_for: on Python 3.11, wait_for returns an event that arrives in the
+    same loop iteration as a cancellation and drops the cancellation, so a cancelled reader (a client gone,
+    a server stopping) would read on.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return DeadlineExceededError()
+    try:
+        async with asyncio.timeout(remaining):
+            return await mailbox.get()
+    except TimeoutError:
+        return DeadlineExceededError()
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
