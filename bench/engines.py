@@ -107,6 +107,8 @@ def settings_for(args: argparse.Namespace, engine: str) -> dict[str, str]:
         "MEDMO_MIN_PIXELS": str(args.image_size**2),
         "MEDMO_MAX_PIXELS": str(args.image_size**2),
         **{f"MEDMO_{task.upper()}_MAX_NEW_TOKENS": str(limit) for task, limit in mix.limits().items()},
+        # The chat route is not in the mix; its limit only has to fit the same context.
+        "MEDMO_CHAT_MAX_NEW_TOKENS": str(max(mix.limits().values())),
     }
     if args.slots:
         env["MEDMO_MAX_SLOTS"] = str(args.slots)
