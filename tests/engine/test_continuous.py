@@ -1,7 +1,8 @@
-"""The continuous engine on the real runtime and slot runner (float32, CPU), held to generate() alone.
+"""The continuous engine on the real runtime and slot runner (float32), held to generate() alone.
 
 Arrivals are staggered so that requests really join a running batch and leave it early; the tests check
-that they did, from the runner's own log of prefills and decode steps.
+that they did, from the runner's own log of prefills and decode steps. Every test runs on the CPU, and again
+on a CUDA or ROCm GPU where there is one, there with the decode step replayed from captured graphs.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app.engine.continuous import ContinuousEngine
+from app.engine.continuous import ContinuousEngine, _next_event
 from app.engine.protocol import (
     Completed,
     ContextTooLongError,
     DeadlineExceededError,
     NotAcceptingError,
+    StreamEvent,
+    TokenDelta,
     complete,
 )
 from app.engine.request import GenerationOptions, PreparedRequest
@@ -46,9 +49,18 @@ SIZES = [(96, 64), (200, 120), (64, 160), (320, 320), (128, 128), (300, 90), (80
 LIMITS = [30, 6, 50, 1, 20, 4, 40]
 
 
-@pytest.fixture(scope="module")
-def runtime(random_checkpoint: Path) -> ModelRuntime:
-    return ModelRuntime.load(Settings(model=str(random_checkpoint)))
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA or ROCm GPU here")
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def runtime(request: pytest.FixtureRequest, random_checkpoint: Path) -> ModelRuntime:
+    # float32 everywhere: in reduced precision a batch and a request alone round differently.
+    return ModelRuntime.load(Settings(model=str(random_checkpoint), device=request.param, dtype="float32"))
 
 
 def prepare(runtime: ModelRuntime, index: int, max_new_tokens: int) -> PreparedRequest:
@@ -61,7 +73,8 @@ def prepare(runtime: ModelRuntime, index: int, max_new_tokens: int) -> PreparedR
 async def running(
     runtime: ModelRuntime, *, slots: int = 3, context: int = 2048, budget: int = 8192
 ) -> AsyncIterator[tuple[ContinuousEngine, InstrumentedRunner]]:
-    runner = InstrumentedRunner(SlotRunner(runtime.model, slots=slots, context=context, graphs=False))
+    # Graphs where the device has them (captured when the engine starts); the CPU decodes eagerly.
+    runner = InstrumentedRunner(SlotRunner(runtime.model, slots=slots, context=context, graphs=True))
     engine = ContinuousEngine(runner, runtime, max_queue=64, prefill_token_budget=budget, metrics=Metrics())
     await engine.start()
     try:
@@ -94,6 +107,8 @@ async def test_tokens_equal_generate_alone_while_requests_join_and_leave(runtime
         results = await asyncio.gather(*tasks)
     assert [r.generation for r in results] == alone
     assert [len(r.generation.token_ids) for r in results] == LIMITS  # the random weights never stop early
+    if runtime.model.device.type == "cuda":  # and those tokens came from graph replays
+        assert runner.inner.graph_note.endswith("span buckets)"), runner.inner.graph_note
     # Requests joined while others were decoding (a prefill into a slot above 0) ...
     assert any(min(slots) > 0 for slots in runner.prefill_slots)
     # ... and left while others went on (fewer rows than the step before, but not none).
@@ -150,6 +165,20 @@ async def test_a_stream_closed_mid_decoding_frees_its_slot_at_the_next_step(runt
         assert len(runner.decodes) < 100  # nowhere near the 1500 tokens it asked for
         assert runner.inner.lengths == [0, 0, 0]
         assert (await run(engine, prepare(runtime, 3, 5))).generation.completion_tokens == 5
+
+
+async def test_a_reader_cancelled_as_its_tokens_arrive_stops_reading() -> None:
+    # The tokens and the cancellation land in the same loop iteration, as when a closed-loop client is
+    # cancelled under load. asyncio.wait_for on Python 3.11 returned the tokens and lost the cancellation:
+    # the reader went on (and a cancelled client loop submitted its next request, so it never ended).
+    mailbox: asyncio.Queue[StreamEvent | BaseException] = asyncio.Queue()
+    reader = asyncio.create_task(_next_event(mailbox, time.monotonic() + 60))
+    await asyncio.sleep(0)  # the reader waits on its mailbox
+    mailbox.put_nowait(TokenDelta((1, 2)))
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert mailbox.qsize() == 1  # the tokens were not taken
 
 
 async def test_a_deadline_passing_mid_decoding_frees_the_slot(runtime: ModelRuntime) -> None:
