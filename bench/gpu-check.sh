@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, for a new GPU host or a change to the engine: the continuous engine's tests on
+# the GPU (its tokens equal generate()'s, with the decode step replayed from captured graphs), then the
+# engines bench on MedMO-8B's shape with random weights. Logs and the bench's rows go to RESULTS_DIR.
+#
+#   bash bench/gpu-check.sh RESULTS_DIR [bench.engines options]
+#
+# With no options the bench's windows are 20 s served and 10 s offline per client count, to keep the run
+# short; pass --duration 40 --offline-duration 20 (the bench's own defaults) for steadier numbers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+results=${1:?usage: bash bench/gpu-check.sh RESULTS_DIR [bench.engines options]}
+shift
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+
+if ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "no CUDA or ROCm GPU is visible to PyTorch here" >&2
+    exit 1
+fi
+"$python" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)' | tee "$results/device.txt"
+
+# Only the GPU's parameter: the CPU's runs in CI.
+"$python" -m pytest -q -p no:cacheprovider tests/engine/test_continuous.py -k cuda 2>&1 \
+    | tee "$results/engine-tests.log"
+
+if [ $# -eq 0 ]; then
+    set -- --duration 20 --offline-duration 10
+fi
+"$python" -m bench.engines --shape 8b --profile --json "$results/engines.json" "$@" 2>&1 \
+    | tee "$results/engines.log"
