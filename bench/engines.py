@@ -16,6 +16,10 @@ default) and carries a 512x512 image. Three measurements, each on this machine i
    closed-loop HTTP clients for --duration seconds per client count; useful tokens are the completion
    tokens of the 200 responses that ended inside the window.
 
+Beside them, the serving path's CPU work per request (decoding the PNG upload, then resizing, the chat
+template, the processor and the rope index, on one thread as the service's preparation threads run it),
+set against the engine's fastest offline rate: how many threads' worth of preparation the GPU can use.
+
 It prints one table, the ratios, and the aims of the continuous-batching work next to what was measured.
 With --profile it also prints the top kernels of one decode step (torch.profiler).
 """
@@ -29,19 +33,21 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import aclosing
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.api.pipeline import image_limits
 from app.engine import build_runner, continuous_engine
 from app.engine.protocol import Completed, Engine, TokenDelta
 from app.engine.request import GenerationOptions, PreparedRequest
+from app.imaging import decode_image
 from app.metrics import Metrics
 from app.settings import Settings
 from app.tasks.ground import GroundFields, ground_prompt
@@ -118,15 +124,22 @@ def settings_for(args: argparse.Namespace, engine: str) -> dict[str, str]:
 # --- 1 and 2: in this process ---
 
 
-def prepared_pool(runtime: object, mix: Mix, image_size: int, count: int) -> list[PreparedRequest]:
+def prepared_pool(
+    runtime: object, settings: Settings, mix: Mix, image_size: int, count: int
+) -> tuple[list[PreparedRequest], float]:
+    """`count` requests of the mix, each decoded from the PNG upload and prepared as the service does, and
+    the median milliseconds that took per request on this one thread: the serving path's CPU work."""
     rng = np.random.default_rng(1)
-    pixels = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
-    picture = Image.fromarray(pixels)
-    pool = []
+    (upload,) = test_images(1, image_size)
+    limits = image_limits(settings)
+    pool, costs = [], []
     for _ in range(count):
         task, limit = mix.draw(rng)
+        began = time.perf_counter()
+        picture = decode_image(upload, limits).picture
         pool.append(runtime.prepare(picture, PROMPTS[task], GenerationOptions(limit, group=task)))  # type: ignore[attr-defined]
-    return pool
+        costs.append(time.perf_counter() - began)
+    return pool, float(np.median(costs)) * 1000
 
 
 def synchronize() -> None:
@@ -203,11 +216,26 @@ async def offline_load(engine: Engine, pool: list[PreparedRequest], clients: int
     return Row("offline continuous", clients, tokens / elapsed, done / elapsed)
 
 
-def measure_in_process(args: argparse.Namespace, mix: Mix) -> tuple[dict[int, float], list[Row]]:
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_in_process(args: argparse.Namespace, mix: Mix) -> tuple[dict[int, float], float, list[Row]]:
+    """The decode step ceiling, the serving path's CPU work per request, and the engine's offline rows."""
     env = settings_for(args, "continuous")
     settings = Settings(**{key.removeprefix("MEDMO_").lower(): value for key, value in env.items()})
     runtime = build_runtime(args.shape, settings)
-    pool = prepared_pool(runtime, mix, args.image_size, 256)
+    with single_threaded_torch():  # as on the service's preparation threads
+        pool, prepare_ms = prepared_pool(runtime, settings, mix, args.image_size, 256)
+    print(
+        f"decoding and preparing one {args.image_size}x{args.image_size} PNG: {prepare_ms:.1f} ms", flush=True
+    )
     runner = build_runner(settings, runtime)
     began = time.monotonic()
     with torch.inference_mode():
@@ -222,7 +250,7 @@ def measure_in_process(args: argparse.Namespace, mix: Mix) -> tuple[dict[int, fl
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ceiling, rows
+    return ceiling, prepare_ms, rows
 
 
 async def offline_rows(
@@ -340,7 +368,7 @@ def measure_served(
 # --- the report ---
 
 
-def print_report(rows: list[Row], ceiling: dict[int, float], device: str) -> None:
+def print_report(rows: list[Row], ceiling: dict[int, float], prepare_ms: float, device: str) -> None:
     print(f"\n{device}; every number below was measured in this run\n")
     header = f"{'run':<22}{'clients':>8}{'tokens/s':>10}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'step ms':>9}  failures"
     print(header)
@@ -352,6 +380,17 @@ def print_report(rows: list[Row], ceiling: dict[int, float], device: str) -> Non
         )
     by = {(row.label, row.clients): row for row in rows}
     print("\ndecode step ceiling: " + ", ".join(f"batch {b}: {t:.2f} ms" for b, t in ceiling.items()))
+    offline = [row for row in rows if row.label == "offline continuous"]
+    if offline and prepare_ms > 0:
+        # Whether the serving path's CPU work can keep up: the engine's fastest rate, in requests, against
+        # what one preparation thread does (the service runs MEDMO_PREPARE_WORKERS of them).
+        fastest = max(offline, key=lambda row: row.requests_per_s)
+        needed = fastest.requests_per_s * prepare_ms / 1000
+        print(
+            f"serving path: {prepare_ms:.1f} ms of decoding and preparing per request on one thread; the engine's "
+            f"fastest offline rate ({fastest.requests_per_s:.1f} requests/s at {fastest.clients} clients) needs "
+            f"{needed:.2f} threads' worth"
+        )
     for (label, clients), row in sorted(by.items(), key=lambda item: item[0][1]):
         if label != "served continuous":
             continue
@@ -419,17 +458,25 @@ def main() -> None:
 
     rows: list[Row] = []
     ceiling: dict[int, float] = {}
+    prepare_ms = float("nan")
     if "offline" not in skip:
-        ceiling, offline = measure_in_process(args, mix)
+        ceiling, prepare_ms, offline = measure_in_process(args, mix)
         rows += offline
     if "continuous" not in skip:
         rows += measure_served(args, "continuous", args.clients, mix)[0]
     if "generate" not in skip and args.generate_clients:
         rows += measure_served(args, "generate", args.generate_clients, mix)[0]
-    print_report(rows, ceiling, device)
+    print_report(rows, ceiling, prepare_ms, device)
     if args.json:
         args.json.write_text(
-            json.dumps({"device": device, "ceiling_ms": ceiling, "rows": [asdict(r) for r in rows]})
+            json.dumps(
+                {
+                    "device": device,
+                    "ceiling_ms": ceiling,
+                    "prepare_ms": prepare_ms,
+                    "rows": [asdict(r) for r in rows],
+                }
+            )
         )
 
 
