@@ -299,13 +299,19 @@ class _FirstPart:
 
 
 def _stored(answer: bytes, count: int, status: int) -> list[StoredReference]:
-    """The STOW-RS response (a DICOM JSON dataset): what was stored, or why not."""
+    """The STOW-RS response (a DICOM JSON dataset): what was stored, or why not. Whatever the PACS wrote
+    there, a body this cannot read is the PACS's failure (502), never the service's."""
     try:
-        dataset = Dataset.from_json(answer.decode("utf-8"))
-    except (ValueError, TypeError, KeyError):
+        return _confirmed(Dataset.from_json(answer.decode("utf-8")), count, status)
+    except PacsError:
+        raise
+    except Exception as exc:  # pydicom raises what the JSON's shape leads it to: Value, Type, Attribute...
         raise PacsError(
-            f"the PACS answered the store ({status}) without a readable DICOM JSON body"
+            f"the PACS answered the store ({status}) without a readable DICOM JSON body ({type(exc).__name__})"
         ) from None
+
+
+def _confirmed(dataset: Dataset, count: int, status: int) -> list[StoredReference]:
     failed = list(dataset.get("FailedSOPSequence", []))
     if failed or status == 409:
         reasons = sorted({f"{int(item.get('FailureReason', 0)):04X}H" for item in failed}) or ["unstated"]
