@@ -187,7 +187,9 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 conversation=lambda image: running.runtime.messages(image.picture, prompt),
                 deadline_s=deadline_s,
                 deltas=False,
-                check_image=the_instance_asked_for(sop_instance_uid, store),
+                check_image=the_instance_asked_for(
+                    (study_instance_uid, series_instance_uid, sop_instance_uid), store
+                ),
             )
             completed = await collect(request, submitted)
             submitted.finished(completed, task.name)
@@ -220,15 +222,17 @@ async def read_body(request: Request, body_model: type[BaseModel], settings: Set
 
 
 def the_instance_asked_for(
-    sop_instance_uid: str, store: list[Literal["sr", "gsps"]]
+    uids: tuple[str, str, str], store: list[Literal["sr", "gsps"]]
 ) -> Callable[[DecodedImage], None]:
-    """Before the model runs: the PACS sent a DICOM image, the one asked for, and (if answers are to be
-    stored) one they can be anchored to."""
+    """Before the model runs: the PACS sent a DICOM image, the one asked for (study, series and instance:
+    answers are stored into the study named in the path), and, if answers are to be stored, one they can
+    be anchored to."""
 
     def check(image: DecodedImage) -> None:
         if image.dicom is None:
             raise PacsError("the PACS sent an image that is not DICOM")
-        if image.dicom.sop_instance_uid != sop_instance_uid:
+        sent = (image.dicom.study_instance_uid, image.dicom.series_instance_uid, image.dicom.sop_instance_uid)
+        if sent != uids:
             raise PacsError("the PACS sent another instance than the one asked for")
         if "sr" in store:
             anchorable_report(image)
