@@ -41,8 +41,17 @@ NOT_IMAGES = frozenset({"SR", "KO", "PR", "SEG", "DOC", "RTSTRUCT", "RTPLAN", "R
 
 # Answers that say "not now": the service is overloaded (429), not ready or draining (503), a proxy in
 # front of it failed (502, 504), the request timed out on the way (408), or the model failed this
-# request (500, worth another try on a fresh batch). Any other status is the service's final word.
-RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+# request (500, worth another try on a fresh batch). And answers that say the router is misconfigured
+# (401, 403: the key; 404: the URL): every image would get them, and dropping the whole queue for a typo
+# would lose it; it waits instead, and sends once the configuration is fixed. Any other status is the
+# service's final word on that image.
+RETRYABLE = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})
+# The hint for the log line when every image would get that status: the router's settings, not the service.
+MISCONFIGURED = {
+    401: " (the service refused MedMO.ApiKey)",
+    403: " (the service refused MedMO.ApiKey)",
+    404: " (MedMO.Url does not lead to the service)",
+}
 # A Structured Report or presentation state is kilobytes; anything near this is not one.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # A service asking for more than a day is misconfigured; waiting longer would look like a hang.
@@ -110,8 +119,12 @@ class RouterSettings:
         if not isinstance(section, Mapping):
             raise ConfigurationError('no "MedMO" section in the configuration')
         url = section.get("Url")
-        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
-            raise ConfigurationError('"MedMO.Url" must be the service\'s http(s) base URL')
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^\s/?#@]+(/[^\s?#]*)?", url):
+            # No login in it either: the URL is logged, and the key goes in "ApiKey".
+            raise ConfigurationError(
+                '"MedMO.Url" must be the service\'s http(s) base URL, without a login (the key goes in '
+                '"MedMO.ApiKey")'
+            )
         api_key = section.get("ApiKey", "")
         if not isinstance(api_key, str):
             raise ConfigurationError('"MedMO.ApiKey" must be a string')
@@ -309,8 +322,16 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The service never redirects: a redirect is an answer (refused), not somewhere to send the image and
+    the key."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 # The service is on the hospital network; proxy variables in Orthanc's environment are for the internet.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 def request_id(instance_id: str, task: Task) -> str:
@@ -332,10 +353,19 @@ def ask(settings: RouterSettings, task: Task, dicom: bytes, request_id: str) -> 
     if settings.api_key:
         headers["Authorization"] = f"Bearer {settings.api_key}"
     request = urllib.request.Request(task.url(settings.url), data=dicom, headers=headers, method="POST")
+    deadline = time.monotonic() + settings.timeout_s
     try:
+        # The timeout bounds each wait on the socket; the deadline bounds the whole answer, so that a
+        # service trickling bytes cannot hold a sender longer than TimeoutSeconds either.
         with _OPENER.open(request, timeout=settings.timeout_s) as response:
-            body = response.read(MAX_ANSWER_BYTES + 1)
-            return Answer(int(response.status), body)
+            body = bytearray()
+            while chunk := response.read1(64 * 1024):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    return Answer(int(response.status), problem=f"an answer over {MAX_ANSWER_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+            return Answer(int(response.status), bytes(body))
     except urllib.error.HTTPError as error:
         try:
             return Answer(

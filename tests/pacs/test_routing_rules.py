@@ -145,6 +145,7 @@ def test_a_question_is_sent_in_the_query_string_of_vqa() -> None:
     ("change", "named"),
     [
         ({"Url": "medmo:8000"}, "MedMO.Url"),
+        ({"Url": "http://orthanc:secret@medmo:8000"}, "without a login"),
         ({"Modalities": {"CT": {"Tasks": ["reprot"]}}}, "MedMO.Modalities.CT"),
         ({"Modalities": {"CT": {"Tasks": ["vqa:nothing"]}}}, "MedMO.Questions"),
         ({"Modalities": {"SR": {"Tasks": ["report"]}}}, "MedMO.Modalities.SR"),
