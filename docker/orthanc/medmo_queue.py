@@ -45,7 +45,8 @@ class Queue:
                 CREATE TABLE IF NOT EXISTS series (
                     id TEXT PRIMARY KEY,
                     stable INTEGER NOT NULL,  -- 0: instances may still arrive
-                    due REAL                  -- when to plan it; NULL: when Orthanc says it is stable
+                    due REAL,                 -- when to plan it; NULL: when Orthanc says it is stable
+                    events INTEGER NOT NULL DEFAULT 0  -- counts Orthanc's news of it, see planned()
                 );
                 CREATE TABLE IF NOT EXISTS work (
                     instance_id TEXT NOT NULL,
@@ -58,21 +59,45 @@ class Queue:
                 CREATE INDEX IF NOT EXISTS work_by_due ON work (due);
                 """
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
+            if "events" not in columns:  # a queue file from before series counted their news
+                self._db.execute("ALTER TABLE series ADD COLUMN events INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def series_arrived(self, series_id: str) -> None:
+        """An instance arrived in the series (its first, or one more after it was planned): Orthanc will
+        call it stable once it is quiet, or, after a restart, resume() will."""
         with self._lock:
             self._db.execute(
-                "INSERT OR IGNORE INTO series (id, stable, due) VALUES (?, 0, NULL)", (series_id,)
+                "INSERT INTO series (id, stable, due, events) VALUES (?, 0, NULL, 1) ON CONFLICT (id) "
+                "DO UPDATE SET stable = 0, due = NULL, events = events + 1",
+                (series_id,),
             )
 
     def series_stable(self, series_id: str, now: float) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO series (id, stable, due) VALUES (?, 1, ?)", (series_id, now)
+                "INSERT INTO series (id, stable, due, events) VALUES (?, 1, ?, 1) ON CONFLICT (id) "
+                "DO UPDATE SET stable = 1, due = excluded.due, events = events + 1",
+                (series_id, now),
+            )
+
+    def series_events(self, series_id: str) -> int:
+        """How much news of the series has come so far: read before planning it, given to planned()."""
+        with self._lock:
+            row = self._db.execute("SELECT events FROM series WHERE id = ?", (series_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def retry_series(self, series_id: str, due: float) -> None:
+        """Planning failed: plan it again at `due`, whatever news came meanwhile."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO series (id, stable, due, events) VALUES (?, 1, ?, 1) ON CONFLICT (id) "
+                "DO UPDATE SET stable = 1, due = excluded.due",
+                (series_id, due),
             )
 
     def resume(self, now: float, stable_age_s: float) -> int:
@@ -98,8 +123,10 @@ class Queue:
             ).fetchall()
         return next((row[0] for row in rows if row[0] not in busy), None)
 
-    def planned(self, series_id: str, items: Iterable[WorkItem], now: float) -> None:
-        """The series' work items replace the series, in one transaction."""
+    def planned(self, series_id: str, items: Iterable[WorkItem], now: float, events: int) -> None:
+        """The series' work items replace the series, in one transaction, unless news of it came while it
+        was planned (`events`, from series_events() before planning, is behind): an instance that arrived
+        meanwhile, or Orthanc calling it stable again. Then the series stays, to be planned again."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -108,7 +135,7 @@ class Queue:
                     "VALUES (?, ?, ?, 0, ?)",
                     [(item.instance_id, item.task, item.series_uid, now) for item in items],
                 )
-                self._db.execute("DELETE FROM series WHERE id = ?", (series_id,))
+                self._db.execute("DELETE FROM series WHERE id = ? AND events <= ?", (series_id, events))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

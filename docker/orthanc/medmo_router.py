@@ -14,6 +14,7 @@ and has threads and a full HTTP client.
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import orthanc  # type: ignore[import-not-found]  # exists only inside Orthanc
@@ -58,7 +59,7 @@ def load() -> Router | None:
         if ROUTED not in (configuration.get("UserMetadata") or {}):
             raise ConfigurationError(f'"UserMetadata" must declare "{ROUTED}": the tasks done are kept there')
         queue = Queue(settings.queue_file)
-    except (ConfigurationError, OSError) as error:
+    except (ConfigurationError, OSError, sqlite3.Error) as error:
         orthanc.LogError(f"{LOG_PREFIX}not routing: {error}")
         return None
     return Router(settings, PluginOrthanc(), queue)
@@ -70,7 +71,11 @@ ROUTER = load()
 def on_change(change_type: int, level: int, resource_id: str) -> None:
     if ROUTER is None:
         return
-    if change_type == orthanc.ChangeType.NEW_SERIES:
+    if change_type == orthanc.ChangeType.NEW_SERIES or (
+        # One more instance in a series seen before (perhaps planned already): noted too, so that a
+        # restart before Orthanc calls it stable again does not forget the new instance.
+        change_type == orthanc.ChangeType.NEW_CHILD_INSTANCE and level == orthanc.ResourceType.SERIES
+    ):
         ROUTER.series_arrived(resource_id)
     elif change_type == orthanc.ChangeType.STABLE_SERIES:
         ROUTER.series_stable(resource_id)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from medmo_queue import Queue, WorkItem
 from medmo_routing import (
     LOG_PREFIX,
+    MISCONFIGURED,
     NOT_IMAGES,
     ROUTED,
     Answer,
@@ -140,28 +141,42 @@ class Router:
 
     def _run(self) -> None:
         while True:
-            job = self._next_job()
+            try:
+                job = self._next_job()
+            except Exception as error:  # the queue file unreadable for a moment (disk full, locked)
+                self.orthanc.log_warning(f"{LOG_PREFIX}reading the queue failed ({type(error).__name__})")
+                time.sleep(1.0)
+                continue
             if job is None:
                 return
-            kind, key = job
+            self._do(job)
+
+    def _do(self, job: tuple[str, str | WorkItem]) -> None:
+        """One job; whatever fails in it, the sender goes on to the next."""
+        kind, key = job
+        try:
+            if kind == "series":
+                self._plan(str(key))
+            else:
+                assert isinstance(key, WorkItem)
+                self._send(key)
+        except Exception as error:  # one bad job must not stop the sender
+            # Orthanc refusing to store an answer (disk full), a REST call failing: the job stays
+            # queued and is tried again later, within the same limit as a failing service.
             try:
+                self._unexpected(job, type(error).__name__)
+            except Exception as second:  # the queue file failing too: the job is still in it
+                self.orthanc.log_warning(
+                    f"{LOG_PREFIX}recording a failed job failed ({type(second).__name__})"
+                )
+        finally:
+            with self._wake:
                 if kind == "series":
-                    self._plan(str(key))
+                    self._busy_series.discard(str(key))
                 else:
                     assert isinstance(key, WorkItem)
-                    self._send(key)
-            except Exception as error:  # one bad job must not stop the sender
-                # Orthanc refusing to store an answer (disk full), a REST call failing: the job stays
-                # queued and is tried again later, within the same limit as a failing service.
-                self._unexpected(job, type(error).__name__)
-            finally:
-                with self._wake:
-                    if kind == "series":
-                        self._busy_series.discard(str(key))
-                    else:
-                        assert isinstance(key, WorkItem)
-                        self._busy_work.discard((key.instance_id, key.task))
-                    self._wake.notify_all()
+                    self._busy_work.discard((key.instance_id, key.task))
+                self._wake.notify_all()
 
     def _next_job(self) -> tuple[str, str | WorkItem] | None:
         """The next due series to plan, else the next due work item (unless sending is held); None once
@@ -193,7 +208,7 @@ class Router:
             self.orthanc.log_warning(
                 f"{LOG_PREFIX}planning series {key} failed ({error}); trying again later"
             )
-            self.queue.series_stable(str(key), self.clock() + self.settings.retry.max_delay_s)
+            self.queue.retry_series(str(key), self.clock() + self.settings.retry.max_delay_s)
             return
         assert isinstance(key, WorkItem)
         attempts = key.attempts + 1
@@ -206,10 +221,11 @@ class Router:
         )
 
     def _plan(self, series_id: str) -> None:
+        events = self.queue.series_events(series_id)  # news arriving from now on plans it again
         try:
             series = self.orthanc.get_json(f"/series/{series_id}")
         except ResourceGoneError:
-            self.queue.planned(series_id, [], self.clock())
+            self.queue.planned(series_id, [], self.clock(), events)
             return
         if not series.get("IsStable", True):
             # Instances arrive again (a modality resending after Orthanc restarted): Orthanc watches it now.
@@ -218,19 +234,25 @@ class Router:
         tags = series.get("MainDicomTags", {})
         modality = str(tags.get("Modality", "")).upper()
         rule = None if modality in NOT_IMAGES else self.settings.modalities.get(modality)
-        items: list[WorkItem] = []
-        if rule is not None and rule.tasks:
+        tasks = rule.tasks if rule is not None else ()
+        chosen: list[Slice] = []
+        if rule is not None and tasks:
             slices = [
                 Slice.from_orthanc(entry) for entry in self.orthanc.get_json(f"/series/{series_id}/instances")
             ]
-            for chosen in choose(slices, rule.instances):
-                done = self._routed_tasks(chosen.instance_id)
+            chosen = choose(slices, rule.instances)
+        items: list[WorkItem] = []
+        # Under the metadata lock from reading what was done to queueing the rest: a sender filing an
+        # answer in between would otherwise see its item queued again, and the answer filed twice.
+        with self._metadata_lock:
+            for image in chosen:
+                done = self._routed_tasks(image.instance_id)
                 items += [
-                    WorkItem(chosen.instance_id, task.name, str(tags.get("SeriesInstanceUID", "")))
-                    for task in rule.tasks
+                    WorkItem(image.instance_id, task.name, str(tags.get("SeriesInstanceUID", "")))
+                    for task in tasks
                     if task.name not in done
                 ]
-        self.queue.planned(series_id, items, self.clock())
+            self.queue.planned(series_id, items, self.clock(), events)
         self._count("series_planned")
         if rule is not None:
             # Also when nothing is left to send: the series was stored again, and that was noticed.
@@ -268,7 +290,9 @@ class Router:
                 self._failures_in_a_row = 0
             return
         if answer.status == 200:
-            self._give_up(item, f"the answer is not a DICOM file ({len(answer.body)} bytes)")
+            self._give_up(
+                item, answer.problem or f"the answer is not a DICOM file ({len(answer.body)} bytes)"
+            )
         elif answer.retryable:
             self._retry(item, answer)
         else:
@@ -277,16 +301,17 @@ class Router:
 
     def _file(self, item: WorkItem, answer: bytes) -> None:
         stored = self.orthanc.store(answer)
-        with self._metadata_lock:
+        with self._metadata_lock:  # see _plan
             done = self._routed_tasks(item.instance_id) | {item.task}
             self.orthanc.put(f"/instances/{item.instance_id}/metadata/{ROUTED}", ",".join(sorted(done)))
-        self.queue.remove(item)
+            self.queue.remove(item)
         self._count("stored")
         self.orthanc.log_info(f"{LOG_PREFIX}{item.task} of instance {item.instance_id} stored as {stored}")
 
     def _retry(self, item: WorkItem, answer: Answer) -> None:
         attempts = item.attempts + 1
         why = f"HTTP {answer.status}" if answer.status is not None else f"unreachable ({answer.problem})"
+        why += MISCONFIGURED.get(answer.status or 0, "")
         if attempts >= self.settings.retry.max_attempts:
             self._give_up(item, f"{why} after {attempts} attempts")
             return
