@@ -105,7 +105,10 @@ def read_credentials(path: Path) -> str:
         raise ValueError(f"cannot read the PACS credentials file ({type(exc).__name__})") from None
     entry = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), "")
     if entry[:7].lower() == "bearer " and entry[7:].strip():
-        return f"Bearer {entry[7:].strip()}"
+        token = entry[7:].strip()
+        if not (token.isascii() and token.isprintable()):  # an HTTP header carries neither
+            raise ValueError("the token in the PACS credentials file must be printable ASCII")
+        return f"Bearer {token}"
     user, colon, password = entry.partition(":")
     if not colon or not user:
         raise ValueError("the PACS credentials file must hold 'user:password' or 'Bearer <token>'")

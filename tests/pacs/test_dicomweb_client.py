@@ -1,5 +1,6 @@
-"""What a PACS answers to a store (STOW-RS), read by the service's DICOMweb client: a body it cannot
-read is the PACS's failure (PacsError, a 502 for the client), whatever shape the body has."""
+"""The service's DICOMweb client on its own: what a PACS answers to a store (STOW-RS), where a body it
+cannot read is the PACS's failure (PacsError, a 502 for the client) whatever its shape; and the login file,
+turned into an Authorization header or refused without echoing it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.pacs.dicomweb import DICOM_JSON, Dicomweb, PacsError, PacsSettings
+from app.pacs.dicomweb import DICOM_JSON, Dicomweb, PacsError, PacsSettings, read_credentials
 
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -75,3 +77,37 @@ async def test_a_store_answer_that_cannot_be_read_is_the_pacss_failure(
     )
     with pytest.raises(PacsError):
         await pacs.store("1.2.3", [b"\0" * 132])
+
+
+@pytest.mark.parametrize(
+    ("content", "header"),
+    [
+        ("# the PACS's login\nmedmo:pässword\n", "Basic bWVkbW86cMOkc3N3b3Jk"),
+        ("Bearer abc.DEF-123\n", "Bearer abc.DEF-123"),
+    ],
+)
+def test_a_credentials_file_becomes_the_authorization_header(
+    tmp_path: Path, content: str, header: str
+) -> None:
+    path = tmp_path / "login"
+    path.write_text(content, encoding="utf-8")
+    assert read_credentials(path) == header
+
+
+@pytest.mark.parametrize(
+    ("content", "secret"),
+    [
+        ("Bearer tökén\n", "tökén"),
+        ("Bearer a\tb\n", "a\tb"),
+        ("hunter2\n", "hunter2"),
+        (":hunter2\n", "hunter2"),
+    ],
+)
+def test_a_credentials_file_an_http_header_cannot_carry_is_refused_without_echoing_it(
+    tmp_path: Path, content: str, secret: str
+) -> None:
+    path = tmp_path / "login"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match="PACS credentials file") as refused:
+        read_credentials(path)
+    assert secret not in str(refused.value)
