@@ -296,3 +296,48 @@ def test_a_slow_pacs_is_a_504_within_the_timeout(
     assert answer.status_code == 504
     assert answer.json()["error"]["code"] == "pacs_timeout"
     assert 1 <= took < 3
+
+
+def test_an_instance_from_another_study_or_series_than_asked_is_a_502(
+    runtime: Any, examinations: tuple[Examination, Examination]
+) -> None:
+    ct, cr = examinations
+    sent = ct.files[0]
+
+    class OneInstance(BaseHTTPRequestHandler):
+        """A PACS that answers every retrieve with the same instance, whatever the path asked for."""
+
+        def do_GET(self) -> None:
+            body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + sent + b"\r\n--b--\r\n"
+            self.send_response(200)
+            self.send_header("Content-Type", 'multipart/related; type="application/dicom"; boundary=b')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OneInstance)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    asked = ct.datasets[0]
+    elsewhere = pydicom.Dataset()
+    elsewhere.SOPInstanceUID = asked.SOPInstanceUID
+    try:
+        answers = {}
+        for label, (study, series) in {
+            "as asked": (asked.StudyInstanceUID, asked.SeriesInstanceUID),
+            "another study": (cr.study_uid, asked.SeriesInstanceUID),
+            "another series": (asked.StudyInstanceUID, cr.datasets[0].SeriesInstanceUID),
+        }.items():
+            elsewhere.StudyInstanceUID, elsewhere.SeriesInstanceUID = study, series
+            answers[label], _ = pull(runtime, elsewhere, dicomweb_url=url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers["as asked"].status_code == 200, answers["as asked"].text
+    for label in ("another study", "another series"):
+        assert answers[label].status_code == 502, answers[label].text
+        assert "another instance" in answers[label].json()["error"]["message"]
