@@ -167,11 +167,22 @@ class Queue:
                 "DELETE FROM work WHERE instance_id = ? AND task = ?", (item.instance_id, item.task)
             )
 
-    def next_due(self) -> float | None:
+    def next_due(
+        self, busy_series: Iterable[str] = (), busy_work: Iterable[tuple[str, str]] = ()
+    ) -> float | None:
+        """When the next series or work item not in a sender's hands falls due (those in hand keep the due
+        time that got them picked, long past)."""
+        busy_series, busy_work = set(busy_series), set(busy_work)
         with self._lock:
-            series = self._db.execute("SELECT MIN(due) FROM series").fetchone()[0]
-            work = self._db.execute("SELECT MIN(due) FROM work").fetchone()[0]
-        dues = [due for due in (series, work) if due is not None]
+            series = self._db.execute(
+                "SELECT id, due FROM series WHERE due IS NOT NULL ORDER BY due LIMIT ?",
+                (len(busy_series) + 1,),
+            ).fetchall()
+            work = self._db.execute(
+                "SELECT instance_id, task, due FROM work ORDER BY due LIMIT ?", (len(busy_work) + 1,)
+            ).fetchall()
+        dues = [due for series_id, due in series if series_id not in busy_series]
+        dues += [due for instance_id, task, due in work if (instance_id, task) not in busy_work]
         return min(dues) if dues else None
 
     def counts(self) -> dict[str, int]:

@@ -193,10 +193,10 @@ class Router:
                     if item is not None:
                         self._busy_work.add((item.instance_id, item.task))
                         return "work", item
-                due = self.queue.next_due()
+                due = self.queue.next_due(self._busy_series, self._busy_work)
                 if due is not None and due <= now:
-                    # Due but held, or all in other senders' hands: the hold's end, or a finishing job
-                    # (which notifies), is the next chance.
+                    # Due but held (those in other senders' hands are not counted): the hold's end, or a
+                    # finishing job (which notifies), is the next chance.
                     due = self._hold_until if now < self._hold_until else math.inf
                 wake_at = min(due if due is not None else math.inf, now + 30.0)
                 self._wake.wait(max(0.01, wake_at - now))

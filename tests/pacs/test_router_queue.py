@@ -74,3 +74,19 @@ def test_a_queue_file_from_before_series_counted_their_news_is_taken_as_it_is(tm
     queue.planned("series-a", [ITEM], now=100.0, events=queue.series_events("series-a"))
     assert queue.counts()["series_to_plan"] == 0
     assert queue.counts()["work_pending"] == 1
+
+
+def test_what_falls_due_next_leaves_out_what_senders_hold(tmp_path: Path) -> None:
+    # An item in a sender's hands keeps its long-past due time; an idle sender must wait for the next one.
+    queue = Queue(str(tmp_path / "queue.sqlite"))
+    queue.series_stable("series-a", now=100.0)
+    queue.planned("series-a", [ITEM], now=100.0, events=queue.series_events("series-a"))
+    later = WorkItem("instance-2", "report", "1.2.3")
+    queue.series_stable("series-b", now=100.0)
+    queue.planned("series-b", [later], now=100.0, events=queue.series_events("series-b"))
+    queue.retry_later(later, attempts=1, due=130.0)
+    assert queue.next_due() == 100.0
+    assert queue.next_due(busy_work=[(ITEM.instance_id, ITEM.task)]) == 130.0
+    queue.series_stable("series-c", now=120.0)
+    assert queue.next_due(busy_work=[(ITEM.instance_id, ITEM.task)]) == 120.0
+    assert queue.next_due(busy_series=["series-c"], busy_work=[(ITEM.instance_id, ITEM.task)]) == 130.0
