@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -43,6 +44,25 @@ def test_a_model_that_cannot_load_stops_startup_with_one_sentence(tmp_path: Path
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert f"MEDMO_MODEL='{tmp_path / 'missing'}' is not an existing folder" in result.stderr
+
+
+def test_a_model_that_is_neither_a_folder_nor_a_hub_id_is_one_sentence(tmp_path: Path) -> None:
+    # A relative path that does not exist here reads as a hub id to huggingface_hub, which refuses it.
+    result = run_serve("--model", "models/medmo/8b", "--port", "0", HF_HOME=str(tmp_path / "hf"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "MEDMO_MODEL='models/medmo/8b' is neither an existing folder nor a hub id" in result.stderr
+
+
+def test_damaged_weights_stop_startup_with_one_sentence(random_checkpoint: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(random_checkpoint, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    result = run_serve("--model", str(damaged), "--port", "0")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"could not load model '{damaged}'" in result.stderr
 
 
 def test_download_only_leaves_a_local_model_folder_alone(random_checkpoint: Path, tmp_path: Path) -> None:

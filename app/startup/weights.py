@@ -25,17 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 from huggingface_hub import DryRunFileInfo, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     DryRunError,
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     IncompleteSnapshotError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # documented; its __init__ imports it without re-export
 from tqdm import tqdm
 from tqdm.auto import tqdm as auto_tqdm
 
@@ -81,6 +84,13 @@ def resolve(settings: Settings, progress: StartupProgress) -> Checkpoint:
                 "weights, or to a hub id such as MBZUAI/MedMO-8B-Next"
             )
         return inspect(folder, name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise WeightsError(
+            f"MEDMO_MODEL={name!r} is neither an existing folder nor a hub id (owner/name, such as "
+            "MBZUAI/MedMO-8B-Next): a folder's path must exist here, and a relative one may start with ./"
+        ) from None
     if hub_constants.HF_HUB_OFFLINE:
         return cached(settings, "HF_HUB_OFFLINE=1 forbids downloading it")
     try:
@@ -91,10 +101,10 @@ def resolve(settings: Settings, progress: StartupProgress) -> Checkpoint:
             dry_run=True,
             tqdm_class=_Silent,
         )
-    except DryRunError as exc:
-        # The hub did not answer the listing: like from_pretrained, serve what the cache holds, or say why
-        # neither works.
-        cause = exc.__cause__ or exc
+    except (DryRunError, httpx2.TransportError) as exc:
+        # The hub did not answer the listing (huggingface_hub wraps most failures, and lets a proxy's pass):
+        # like from_pretrained, serve what the cache holds, or say why neither works.
+        cause = (exc.__cause__ or exc) if isinstance(exc, DryRunError) else exc
         try:
             return cached(
                 settings, f"the hub could not be reached ({type(cause).__name__}: {_first_line(cause)})"
