@@ -35,7 +35,7 @@ from app.api.deps import get_running
 from app.api.errors import ApiError, Failure, classify, openai_error
 from app.api.middleware import request_record
 from app.api.negotiation import EVENTS
-from app.api.pipeline import ImageUpload, Submitted, deadline, submit, upload_limits
+from app.api.pipeline import ImageUpload, Submitted, cancel_on_disconnect, deadline, submit, upload_limits
 from app.api.streaming import TextStream, event_stream, sse
 from app.api.uploads import decode_base64_image, read_json_object
 from app.engine.protocol import Completed
@@ -134,7 +134,7 @@ async def create_chat_completion(
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return event_stream(chunks(answer, model.id, include_usage), submitted)
-        text, reason = await answer.whole()
+        text, reason = await cancel_on_disconnect(request, answer.whole())
     completion = ChatCompletion(
         id=answer.id,
         created=answer.created,

@@ -186,7 +186,12 @@ async def test_an_expired_request_gets_504_and_the_model_never_sees_it(
 
 
 async def raw_request(
-    application: FastAPI, chunks: list[bytes], disconnect: asyncio.Event, *, content_length: int | None = None
+    application: FastAPI,
+    chunks: list[bytes],
+    disconnect: asyncio.Event,
+    *,
+    content_length: int | None = None,
+    path: str = "/vqa",
 ) -> list[dict[str, Any]]:
     """Drive the ASGI app as a server would: the body in `chunks`, then http.disconnect once
     `disconnect` is set (until then the client just stays connected, sending nothing more)."""
@@ -197,8 +202,8 @@ async def raw_request(
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/vqa",
-        "raw_path": b"/vqa",
+        "path": path,
+        "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(body_length).encode())],
@@ -242,6 +247,33 @@ async def test_a_client_that_disconnects_while_queued_is_not_computed(
             {"image": base64.b64encode(png_bytes(seed=7)).decode(), "question": "gone?"}
         ).encode()
         leaving = asyncio.create_task(raw_request(served.application, [body], disconnect))
+        await wait_until(lambda: served.engine.waiting == 1)
+        disconnect.set()
+        sent = await asyncio.wait_for(leaving, 5)
+        assert sent[0]["status"] == 499
+        served.instruments.gate.set()
+        assert (await first).status_code == 200
+        await wait_until(lambda: served.engine.in_flight == 0)
+    assert served.instruments.computed == 1
+
+
+async def test_a_chat_client_that_disconnects_while_queued_is_not_computed(
+    model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
+) -> None:
+    async with serving(
+        model_runtime, engine_name, random_checkpoint, max_batch_size=1, max_wait_ms=0
+    ) as served:
+        model = (await served.client.get("/v1/models")).json()["data"][0]["id"]
+        served.instruments.gate.clear()
+        first = asyncio.create_task(vqa(served.client))
+        await asyncio.to_thread(served.instruments.inside.wait, 10)
+        disconnect = asyncio.Event()
+        image = "data:image/png;base64," + base64.b64encode(png_bytes(seed=7)).decode()
+        content = [{"type": "text", "text": "gone?"}, {"type": "image_url", "image_url": {"url": image}}]
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]}).encode()
+        leaving = asyncio.create_task(
+            raw_request(served.application, [body], disconnect, path="/v1/chat/completions")
+        )
         await wait_until(lambda: served.engine.waiting == 1)
         disconnect.set()
         sent = await asyncio.wait_for(leaving, 5)
