@@ -366,13 +366,14 @@ class ModelRuntime:
         )
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of generated tokens, as MedMO's quick start decodes them (special tokens skipped)."""
-        with self._processor_lock:
-            return str(
-                self.processor.decode(
-                    list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
-                )
+        """Text of generated tokens, as MedMO's quick start decodes them (special tokens skipped). Called on the
+        event loop for every streamed token: it never waits for the processor's lock, which a preparation
+        thread may hold for a whole image."""
+        return str(
+            self._decoder.decode(
+                list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
+        )
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
         """Run the requests as one generate() call; results come back in the same order.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def test_token_counts(reply_checkpoint: object) -> None:
     assert result.text == README_GROUNDING_REPLY
     assert result.completion_tokens == 2  # the reply token, then the end of the turn
     assert result.prompt_tokens == prepared.features["input_ids"].shape[1]
+
+
+def test_decoding_never_waits_for_a_preparation_in_progress(runtime: ModelRuntime) -> None:
+    # Streamed text is decoded on the event loop: waiting there for the processor, which a preparation
+    # thread holds for a whole image, would stall every stream and probe.
+    token_ids = runtime.processor.tokenizer("Normal study.")["input_ids"]
+    other = ThreadPoolExecutor(1)
+    with runtime._processor_lock:  # a preparation in progress
+        pending = other.submit(runtime.decode, token_ids)
+        finished, _ = wait([pending], timeout=10)
+    other.shutdown()
+    assert finished, "decoding waited for the processor's lock"
+    assert pending.result() == "Normal study."
 
 
 def test_collate_pads_on_the_left_and_concatenates_patches(runtime: ModelRuntime) -> None:
