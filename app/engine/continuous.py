@@ -222,7 +222,15 @@ class ContinuousEngine(Gated):
             if job.failure is not None:
                 job.mailbox.put_nowait(job.failure)
             elif not job.abandoned:
-                job.mailbox.put_nowait(self._completed(job))
+                try:
+                    completed = self._completed(job)
+                except Exception as exc:  # turning its tokens into text failed: this request fails alone
+                    logger.warning("finishing a request failed: %s", type(exc).__name__)
+                    failure = BatchFailedError("generation failed for this request")
+                    failure.__cause__ = exc
+                    job.mailbox.put_nowait(failure)
+                else:
+                    job.mailbox.put_nowait(completed)
         for job, error in outbox.refused:
             job.mailbox.put_nowait(error)
 
@@ -422,6 +430,9 @@ class ContinuousEngine(Gated):
             job.failure = error
             self._outbox.ended.append(job)
         self._active.clear()
+        self._metrics.running_requests.set(0)
+        self._metrics.waiting_requests.set(0)
+        self._metrics.slot_occupancy.set(0)
 
     def _flush(self) -> None:
         if self._outbox:

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.engine.continuous import ContinuousEngine, _next_event
 from app.engine.protocol import (
+    BatchFailedError,
     Completed,
     ContextTooLongError,
     DeadlineExceededError,
@@ -165,6 +166,48 @@ async def test_a_stream_closed_mid_decoding_frees_its_slot_at_the_next_step(runt
         assert len(runner.decodes) < 100  # nowhere near the 1500 tokens it asked for
         assert runner.inner.lengths == [0, 0, 0]
         assert (await run(engine, prepare(runtime, 3, 5))).generation.completion_tokens == 5
+
+
+class FailsToFinish:
+    """The real runtime, except that turning one request's tokens into text fails."""
+
+    def __init__(self, inner: ModelRuntime, poisoned: PreparedRequest) -> None:
+        self.inner = inner
+        self.poisoned = poisoned
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def finish(self, request: PreparedRequest, tokens: Any) -> Any:
+        if request is self.poisoned:
+            raise RuntimeError("these tokens cannot be decoded")
+        return self.inner.finish(request, tokens)
+
+
+async def test_a_request_whose_text_cannot_be_made_fails_alone(runtime: ModelRuntime) -> None:
+    # The three finish in the same step, so their results are delivered together.
+    requests = [prepare(runtime, index, 4) for index in range(3)]
+    runner = InstrumentedRunner(SlotRunner(runtime.model, slots=3, context=2048, graphs=True))
+    engine = ContinuousEngine(
+        runner,
+        FailsToFinish(runtime, requests[1]),
+        max_queue=64,
+        prefill_token_budget=8192,
+        metrics=Metrics(),
+    )
+    await engine.start()
+    try:
+        results = await asyncio.gather(
+            *(run(engine, request, timeout_s=20) for request in requests), return_exceptions=True
+        )
+    finally:
+        await engine.stop()
+    first, failed, last = results
+    assert isinstance(failed, BatchFailedError)
+    assert isinstance(first, Completed)
+    assert isinstance(last, Completed)
+    assert [first.generation, last.generation] == [runtime.generate([requests[i]])[0] for i in (0, 2)]
+    assert engine.running == 0
 
 
 async def test_a_reader_cancelled_as_its_tokens_arrive_stops_reading() -> None:
