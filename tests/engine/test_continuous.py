@@ -268,7 +268,10 @@ async def test_stopping_fails_what_is_running_and_waiting(runtime: ModelRuntime)
         runner.gate.set()
         await stopping
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        registry = engine._metrics.registry  # what /metrics shows after the stop
     assert all(isinstance(outcome, NotAcceptingError) for outcome in outcomes)
+    for gauge in ("medmo_running_requests", "medmo_waiting_requests", "medmo_slot_occupancy"):
+        assert registry.get_sample_value(gauge) == 0, gauge
 
 
 class OpLog(TorchDispatchMode):
