@@ -10,12 +10,14 @@
   the orchestrator still sees a live process, and does not restart a pod that is merely busy.
 - **SIGTERM drains**: /readyz and new requests answer 503 while accepted requests finish, for up to
   MEDMO_SHUTDOWN_GRACE_S; then both servers exit. A second signal, or Ctrl-C, exits at once after the
-  requests in progress.
+  requests in progress. During startup any of them ends the process at once (see handle_exit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ from app.main import create_probe_app, drain
 from app.settings import Settings
 
 STARTUP_FAILURE = 3
+
+logger = logging.getLogger("medmo.server")
 # The probe server's own cap: orchestrators open a few connections at a time.
 PROBE_CONNECTIONS = 32
 
@@ -112,7 +116,17 @@ class DrainingServer(uvicorn.Server):
                 await probing
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and self.started and self.draining is None and self.loop is not None:
+        if not self.started:
+            # Still downloading, loading or warming up, in a thread no signal can stop: uvicorn would wait
+            # for it (minutes, or the whole download). Nothing has been accepted yet, and a download resumes
+            # from its partial files, so the process ends now.
+            state = getattr(self.app.state, "service", None)
+            phase = state.startup.state if state is not None else None
+            doing = phase.phase.value.replace("_", " ") if phase is not None else "starting"
+            logger.warning("stopped by %s while %s", signal.Signals(sig).name, doing)
+            logging.shutdown()
+            os._exit(128 + sig)
+        if sig == signal.SIGTERM and self.draining is None and self.loop is not None:
             self.loop.call_soon_threadsafe(self._begin_drain)
             return
         super().handle_exit(sig, frame)

@@ -281,3 +281,40 @@ def test_on_a_terminal_the_download_draws_a_bar_per_file_and_one_for_the_total(
     assert re.search(rf"{re.escape(WEIGHTS)}: +\d+%\|.*\| [\d.]+M/\d+\.\dM \[", screen), screen
     assert '"done"' not in screen  # no progress as JSON lines: the phases' start and end only
     assert f"medmo-serve: {REPO} is in the cache" in screen
+
+
+def test_a_start_stopped_while_downloading_ends_at_once(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    hub.slow[WEIGHTS] = 60.0  # far longer than the test waits
+    probe_port = free_port()
+    env = hub_env(hub, tmp_path / "hf", MEDMO_PORT=str(free_port()), MEDMO_PROBE_PORT=str(probe_port))
+    log_path = tmp_path / "server.log"
+    try:
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [console_script("medmo-serve")], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            try:
+                status = httpx.get(f"http://127.0.0.1:{probe_port}/readyz", timeout=5).json()["status"]
+            except httpx.TransportError:
+                status = None
+            if status == "downloading":
+                break
+            time.sleep(0.05)
+        stopped_at = time.monotonic()
+        process.terminate()
+        process.wait(30)
+        took = time.monotonic() - stopped_at
+    finally:
+        hub.slow.clear()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 128 + 15
+    assert took < 5, took
+    assert "stopped by SIGTERM while downloading" in log_path.read_text()
