@@ -283,9 +283,7 @@ def test_on_a_terminal_the_download_draws_a_bar_per_file_and_one_for_the_total(
     assert f"medmo-serve: {REPO} is in the cache" in screen
 
 
-def test_a_start_stopped_while_downloading_ends_at_once(
-    hub: LocalHub, tmp_path: Path
-) -> None:
+def test_a_start_stopped_while_downloading_ends_at_once(hub: LocalHub, tmp_path: Path) -> None:
     hub.slow[WEIGHTS] = 60.0  # far longer than the test waits
     probe_port = free_port()
     env = hub_env(hub, tmp_path / "hf", MEDMO_PORT=str(free_port()), MEDMO_PROBE_PORT=str(probe_port))
