@@ -259,6 +259,7 @@ class Answer:
                     if pending[:cut]:
                         yield pending[:cut]
                     self.finish_reason = "stop"
+                    self.submitted.ended_early(self.text.tokens, GROUP)
                     return
                 keep = self._undecided_tail(pending)
                 if len(pending) > keep:

@@ -84,6 +84,10 @@ class Submitted:
         metrics = self.running.service.metrics
         metrics.generated_tokens.labels(task=group).inc(completed.generation.completion_tokens)
 
+    def ended_early(self, tokens: int, group: str) -> None:
+        """Account for a request its reader ended before the model did (a stop sequence): its tokens so far."""
+        self.running.service.metrics.generated_tokens.labels(task=group).inc(tokens)
+
 
 @asynccontextmanager
 async def deadline(request: Request, timeout_s: float | None) -> AsyncIterator[float]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.servers import RunningServer, serve
 from tests.conftest import README_GROUNDING_REPLY, png_bytes, pydicom_file
@@ -101,14 +102,29 @@ def test_a_dicom_image_in_a_data_uri(
     assert completion.choices[0].message.content == README_GROUNDING_REPLY
 
 
+def chat_tokens_counted(server: RunningServer) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    samples = [
+        sample
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "medmo_generated_tokens_total" and sample.labels.get("task") == "chat"
+    ]
+    return samples[0].value if samples else 0.0
+
+
 def test_a_stop_sequence_ends_the_answer_before_it(
     chat_server: RunningServer, client: openai.OpenAI, model_id: str
 ) -> None:
+    counted_before = chat_tokens_counted(chat_server)
     whole = client.chat.completions.create(
         model=model_id, messages=conversation(data_uri(png_bytes())), stop=["<box>"]
     )
     assert whole.choices[0].message.content == "Fractures "
     assert whole.choices[0].finish_reason == "stop"
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens > 0
+    assert chat_tokens_counted(chat_server) - counted_before == whole.usage.completion_tokens
     streamed = client.chat.completions.create(
         model=model_id, messages=conversation(data_uri(png_bytes())), stop="<box>", stream=True
     )
