@@ -33,10 +33,10 @@ from app.main import create_probe_app, drain
 from app.settings import Settings
 
 STARTUP_FAILURE = 3
-
-logger = logging.getLogger("medmo.server")
 # The probe server's own cap: orchestrators open a few connections at a time.
 PROBE_CONNECTIONS = 32
+
+logger = logging.getLogger("medmo.server")
 
 
 def head_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:

@@ -255,9 +255,9 @@ class ModelRuntime:
                     f"not enough memory on {placement.device} to load {name!r}: free the device, or set MEDMO_MODEL "
                     "to a smaller model (MBZUAI/MedMO-4B-Next) or MEDMO_DEVICE to another device"
                 ) from exc
-            except (
-                Exception
-            ) as exc:  # OSError, ValueError, safetensors' SafetensorError for a damaged shard...
+            # Whatever else stops the load (OSError, ValueError, safetensors' error for a damaged shard...)
+            # is one sentence too.
+            except Exception as exc:
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 raise ModelLoadError(
                     f"could not load model {name!r} from {checkpoint.folder} ({reason}): set MEDMO_MODEL to a "

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,47 +233,35 @@ async def raw_request(
     return sent
 
 
+async def task_route_body(client: httpx.AsyncClient) -> tuple[str, bytes]:
+    body = {"image": base64.b64encode(png_bytes(seed=7)).decode(), "question": "gone?"}
+    return "/vqa", json.dumps(body).encode()
+
+
+async def chat_body(client: httpx.AsyncClient) -> tuple[str, bytes]:
+    model = (await client.get("/v1/models")).json()["data"][0]["id"]
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(seed=7)).decode()
+    content = [{"type": "text", "text": "gone?"}, {"type": "image_url", "image_url": {"url": image}}]
+    body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    return "/v1/chat/completions", json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("request_body", [task_route_body, chat_body], ids=["task route", "chat"])
 async def test_a_client_that_disconnects_while_queued_is_not_computed(
-    model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
+    model_runtime: ModelRuntime,
+    engine_name: str,
+    random_checkpoint: Path,
+    request_body: Callable[[httpx.AsyncClient], Awaitable[tuple[str, bytes]]],
 ) -> None:
     async with serving(
         model_runtime, engine_name, random_checkpoint, max_batch_size=1, max_wait_ms=0
     ) as served:
+        path, body = await request_body(served.client)
         served.instruments.gate.clear()
         first = asyncio.create_task(vqa(served.client))
         await asyncio.to_thread(served.instruments.inside.wait, 10)
         disconnect = asyncio.Event()
-        body = json.dumps(
-            {"image": base64.b64encode(png_bytes(seed=7)).decode(), "question": "gone?"}
-        ).encode()
-        leaving = asyncio.create_task(raw_request(served.application, [body], disconnect))
-        await wait_until(lambda: served.engine.waiting == 1)
-        disconnect.set()
-        sent = await asyncio.wait_for(leaving, 5)
-        assert sent[0]["status"] == 499
-        served.instruments.gate.set()
-        assert (await first).status_code == 200
-        await wait_until(lambda: served.engine.in_flight == 0)
-    assert served.instruments.computed == 1
-
-
-async def test_a_chat_client_that_disconnects_while_queued_is_not_computed(
-    model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
-) -> None:
-    async with serving(
-        model_runtime, engine_name, random_checkpoint, max_batch_size=1, max_wait_ms=0
-    ) as served:
-        model = (await served.client.get("/v1/models")).json()["data"][0]["id"]
-        served.instruments.gate.clear()
-        first = asyncio.create_task(vqa(served.client))
-        await asyncio.to_thread(served.instruments.inside.wait, 10)
-        disconnect = asyncio.Event()
-        image = "data:image/png;base64," + base64.b64encode(png_bytes(seed=7)).decode()
-        content = [{"type": "text", "text": "gone?"}, {"type": "image_url", "image_url": {"url": image}}]
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]}).encode()
-        leaving = asyncio.create_task(
-            raw_request(served.application, [body], disconnect, path="/v1/chat/completions")
-        )
+        leaving = asyncio.create_task(raw_request(served.application, [body], disconnect, path=path))
         await wait_until(lambda: served.engine.waiting == 1)
         disconnect.set()
         sent = await asyncio.wait_for(leaving, 5)
