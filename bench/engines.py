@@ -13,7 +13,8 @@ default) and carries a 512x512 image. Three measurements, each on this machine i
    virtual clients, no HTTP: what the engine can do. Served divided by offline is the cost of the serving
    path (uploads, decoding, preprocessing, the event loop).
 3. **Served**: `bench.server` (random weights built on the device) as a real process for each engine,
-   closed-loop HTTP clients for --duration seconds per client count; useful tokens are the completion
+   closed-loop HTTP clients for --duration seconds per client count (--generate-duration for the generate
+   engine, whose whole-batch answers take longest); useful tokens are the completion
    tokens of the 200 responses that ended inside the window.
 
 Beside them, the serving path's CPU work per request (decoding the PNG upload, then resizing, the chat
@@ -98,6 +99,12 @@ class Row:
     p99_s: float = float("nan")
     decode_step_ms: float = float("nan")
     failures: dict[int, int] = field(default_factory=dict)
+    window_s: float = float("nan")  # how long it was counted
+
+    @property
+    def window_too_short(self) -> bool:
+        """A window under three times the median latency counts the phases of a few batches, not a rate."""
+        return self.window_s < 3 * self.p50_s
 
 
 def settings_for(args: argparse.Namespace, engine: str) -> dict[str, str]:
@@ -213,7 +220,7 @@ async def offline_load(engine: Engine, pool: list[PreparedRequest], clients: int
     for loop in loops:
         loop.cancel()
     await asyncio.gather(*loops, return_exceptions=True)
-    return Row("offline continuous", clients, tokens / elapsed, done / elapsed)
+    return Row("offline continuous", clients, tokens / elapsed, done / elapsed, window_s=elapsed)
 
 
 @contextmanager
@@ -322,6 +329,7 @@ async def served_load(url: str, label: str, clients: int, duration_s: float, mix
         float(np.percentile(ok, 99)) if ok else float("nan"),
         (after[0] - before[0]) / steps * 1000 if steps else float("nan"),
         {status: n for status, n in statuses.items() if status != 200},
+        window_s=elapsed,
     )
 
 
@@ -357,8 +365,9 @@ def measure_served(
         print(
             f"served {engine}: {json.dumps(info['engine'])} on {info['device']} ({info['dtype']})", flush=True
         )
+        duration_s = args.generate_duration if engine == "generate" else args.duration
         for clients in clients_list:
-            row = asyncio.run(served_load(server.url, f"served {engine}", clients, args.duration, mix, image))
+            row = asyncio.run(served_load(server.url, f"served {engine}", clients, duration_s, mix, image))
             print(f"served {engine} {clients} clients: {row.tokens_per_s:.1f} tokens/s", flush=True)
             rows.append(row)
         server.terminate(120)
@@ -370,14 +379,21 @@ def measure_served(
 
 def print_report(rows: list[Row], ceiling: dict[int, float], prepare_ms: float, device: str) -> None:
     print(f"\n{device}; every number below was measured in this run\n")
-    header = f"{'run':<22}{'clients':>8}{'tokens/s':>10}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'step ms':>9}  failures"
+    header = (
+        f"{'run':<22}{'clients':>8}{'tokens/s':>10}{'req/s':>8}{'p50 s':>8}{'p99 s':>8}{'step ms':>9}"
+        f"{'window s':>10}  failures"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
+        short = " *" if row.window_too_short else "  "
         print(
             f"{row.label:<22}{row.clients:>8}{row.tokens_per_s:>10.1f}{row.requests_per_s:>8.2f}"
-            f"{row.p50_s:>8.2f}{row.p99_s:>8.2f}{row.decode_step_ms:>9.2f}  {row.failures or 'none'}"
+            f"{row.p50_s:>8.2f}{row.p99_s:>8.2f}{row.decode_step_ms:>9.2f}{row.window_s:>8.1f}{short}"
+            f"  {row.failures or 'none'}"
         )
+    if any(row.window_too_short for row in rows):
+        print("* window under 3x the p50 latency: it measures the phases of a few batches, not a rate")
     by = {(row.label, row.clients): row for row in rows}
     print("\ndecode step ceiling: " + ", ".join(f"batch {b}: {t:.2f} ms" for b, t in ceiling.items()))
     offline = [row for row in rows if row.label == "offline continuous"]
@@ -436,6 +452,12 @@ def main() -> None:
     parser.add_argument("--mix", default="vqa=16-64,ground=32-128,report=128-512")
     parser.add_argument(
         "--duration", type=float, default=40.0, help="seconds of served load per client count"
+    )
+    parser.add_argument(
+        "--generate-duration",
+        type=float,
+        default=120.0,
+        help="seconds of served load per client count for the generate engine, whose answers take longest",
     )
     parser.add_argument("--offline-duration", type=float, default=20.0)
     parser.add_argument("--image-size", type=int, default=512)
