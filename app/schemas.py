@@ -38,7 +38,15 @@ class ImageFields(BaseModel):
 
 
 class TaskFields(ImageFields):
-    """What every task accepts besides the image and its own fields."""
+    """What every task accepts besides the images and its own fields."""
+
+    image_order: Literal["anatomical", "as_sent"] | None = Field(
+        None,
+        description="How several images are shown to the model: anatomical (the default) puts DICOM slices of "
+        "one series in order along the slice normal, each series and every other image keeping the place it "
+        "was sent in; as_sent shows them exactly as sent. Indexes in the answer always count as sent.",
+        examples=["as_sent"],
+    )
 
     max_new_tokens: int | None = Field(
         None,
@@ -117,6 +125,21 @@ class DicomInfo(BaseModel):
     )
 
 
+class ImageInfo(BaseModel):
+    """One image of the request, in the order it was sent (its index is what findings name)."""
+
+    index: int = Field(description="Its place in the request as sent, 0 for the first.", examples=[0])
+    shown_as: int = Field(
+        description='Its place among the images as the model was shown them, 1 for the first ("Image 1" in '
+        "the prompt): slices of a series in anatomical order, unless image_order was as_sent.",
+        examples=[1],
+    )
+    caption: str | None = Field(description="The caption sent with it, if any.", examples=["frontal"])
+    width: int = Field(description="Width in pixels, as displayed.", examples=[2048])
+    height: int = Field(description="Height in pixels, as displayed.", examples=[2500])
+    dicom: DicomInfo | None = Field(description="Present when the image was DICOM.", examples=[None])
+
+
 class TaskResponse(BaseModel):
     request_id: str = Field(
         description="Identifier of this request, also in the X-Request-ID header.",
@@ -124,11 +147,18 @@ class TaskResponse(BaseModel):
     )
     model: str = Field(description="The model that answered.", examples=["MBZUAI/MedMO-8B-Next"])
     image: ImageSize = Field(
-        description="Size of the uploaded image.", examples=[{"width": 2048, "height": 2500}]
+        description="Size of the uploaded image (the first, when several were sent).",
+        examples=[{"width": 2048, "height": 2500}],
+    )
+    images: list[ImageInfo] = Field(
+        description="Every image of the request, in the order sent.",
+        examples=[
+            [{"index": 0, "shown_as": 1, "caption": "frontal", "width": 2048, "height": 2500, "dicom": None}]
+        ],
     )
     dicom: DicomInfo | None = Field(
         None,
-        description="Present when the upload was DICOM.",
+        description="Present when the upload (the first, when several were sent) was DICOM.",
         examples=[
             {
                 "study_instance_uid": "1.2.840.113619.2.1",
@@ -144,6 +174,11 @@ class TaskResponse(BaseModel):
     )
     usage: Usage = Field(
         description="Tokens in and out.", examples=[{"prompt_tokens": 1320, "completion_tokens": 58}]
+    )
+    finish_reason: Literal["stop", "length"] = Field(
+        description="stop: the model ended its answer; length: it was cut at max_new_tokens (or, when that was "
+        "not given, at what the context left after the images and prompt).",
+        examples=["stop"],
     )
     timing: Timing = Field(
         description="Where the time went.",
@@ -221,8 +256,17 @@ class Health(BaseModel):
 
 
 class Limits(BaseModel):
-    max_upload_bytes: int = Field(description="Largest accepted image file.", examples=[67108864])
+    max_upload_bytes: int = Field(
+        description="Largest accepted image file; a request's images together too.", examples=[67108864]
+    )
     max_image_pixels: int = Field(description="Largest decoded image.", examples=[50000000])
+    max_images: int = Field(description="Most images in one request.", examples=[8])
+    max_total_pixels: int = Field(
+        description="Largest decoded area of a request's images together.", examples=[100000000]
+    )
+    max_context: int = Field(
+        description="Most tokens per request: images, prompt and answer together.", examples=[4096]
+    )
     min_pixels: int = Field(description="Smallest image area fed to the model.", examples=[65536])
     max_pixels: int = Field(description="Largest image area fed to the model.", examples=[1638400])
     max_new_tokens: dict[str, int] = Field(
@@ -283,6 +327,9 @@ class Info(BaseModel):
             {
                 "max_upload_bytes": 67108864,
                 "max_image_pixels": 50000000,
+                "max_images": 8,
+                "max_total_pixels": 100000000,
+                "max_context": 4096,
                 "min_pixels": 65536,
                 "max_pixels": 1638400,
                 "max_new_tokens": {"vqa": 256, "report": 1024, "ground": 512},

@@ -67,7 +67,11 @@ class _Settings(BaseSettings):
     )
 
     # --- limits on what clients send ---
-    max_upload_bytes: int = Field(64 * MIB, ge=1024, description="Largest accepted image file, in bytes.")
+    max_upload_bytes: int = Field(
+        64 * MIB,
+        ge=1024,
+        description="Largest accepted image file, in bytes; a request's images together are held to it too.",
+    )
     max_dicom_frames: int = Field(
         10_000, ge=1, description="Most frames a DICOM object may declare; more is refused with 413."
     )
@@ -75,6 +79,18 @@ class _Settings(BaseSettings):
         50_000_000,
         ge=1024,
         description="Largest decoded image area; more is treated as a decompression bomb.",
+    )
+    max_images: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Most images in one request (a study's views, slices, a prior); more get 413.",
+    )
+    max_total_pixels: int = Field(
+        100_000_000,
+        ge=1024,
+        description="Largest decoded area of a request's images together; more gets 413. Bounds the memory "
+        "one request's images hold, as MEDMO_MAX_IMAGE_PIXELS does for each.",
     )
 
     # --- the engine ---
@@ -95,7 +111,9 @@ class _Settings(BaseSettings):
         4096,
         ge=256,
         le=65536,
-        description="continuous: most tokens per request, image and prompt and answer together.",
+        description="Most tokens per request, images and prompt and answer together (the continuous engine "
+        "holds this many per slot). The images of a request of several are fed at a smaller size where "
+        "needed, so that together they leave room for the answer.",
     )
     prefill_token_budget: int = Field(
         8192,

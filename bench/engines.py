@@ -45,6 +45,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.pipeline import image_limits
+from app.conversation import Conversation
 from app.engine import build_runner, continuous_engine
 from app.engine.protocol import Completed, Engine, TokenDelta
 from app.engine.request import GenerationOptions, PreparedRequest
@@ -144,7 +145,9 @@ def prepared_pool(
         task, limit = mix.draw(rng)
         began = time.perf_counter()
         picture = decode_image(upload, limits).picture
-        pool.append(runtime.prepare(picture, PROMPTS[task], GenerationOptions(limit, group=task)))  # type: ignore[attr-defined]
+        pool.append(
+            runtime.prepare(Conversation.about(picture, PROMPTS[task]), GenerationOptions(limit, group=task))
+        )  # type: ignore[attr-defined]
         costs.append(time.perf_counter() - began)
     return pool, float(np.median(costs)) * 1000
 

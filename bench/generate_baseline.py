@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.conversation import Conversation
 from app.engine.request import GenerationOptions
 from app.engine.runtime import collate
 from app.settings import Settings
@@ -61,8 +62,12 @@ def main() -> None:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         prepared = [
             runtime.prepare(
-                Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)),
-                PROMPTS[n % len(PROMPTS)] if args.mixed_prompts else PROMPTS[0],
+                Conversation.about(
+                    Image.fromarray(
+                        rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8)
+                    ),
+                    PROMPTS[n % len(PROMPTS)] if args.mixed_prompts else PROMPTS[0],
+                ),
                 options,
             )
             for n in range(batch_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.conversation import Conversation
 from app.engine.request import GenerationOptions
 from app.engine.runtime import ModelRuntime
 from app.settings import Settings
@@ -106,7 +107,7 @@ def test_tiny_checkpoint_script_writes_a_reply_checkpoint(
     runtime = ModelRuntime.load(Settings(model=str(tmp_path)))
     options = GenerationOptions(max_new_tokens=16)
     prepared = [
-        runtime.prepare(rgb_image(w, h), q, options)
+        runtime.prepare(Conversation.about(rgb_image(w, h), q), options)
         for w, h, q in ((64, 64, "a"), (200, 96, "something longer"))
     ]
     assert [g.text for g in runtime.generate(prepared)] == [reply, reply]  # batched

@@ -1,9 +1,11 @@
 """OpenAI-compatible chat: POST /v1/chat/completions and GET /v1/models.
 
 The protocol the largest ecosystem of vision-language clients speaks (the `openai` SDKs, LangChain, chat
-front-ends, evaluation harnesses), for what MedMO can do: a conversation holding one image, given as a
-`data:` URI (base64 PNG, JPEG or DICOM; the service never fetches a URL), answered greedily, whole or
-streamed in OpenAI's chunk format. A parameter MedMO cannot honour is refused in OpenAI's error shape,
+front-ends, evaluation harnesses), for what MedMO can do: a conversation (system messages, earlier
+assistant turns) holding any number of images up to MEDMO_MAX_IMAGES, or none, each a `data:` URI
+(base64 PNG, JPEG or DICOM; the service never fetches a URL), answered greedily, whole or streamed in
+OpenAI's chunk format. max_tokens is an upper bound: a request asking for more than the context holds
+after its prompt is served up to what fits, ending with finish_reason "length". A parameter MedMO cannot honour is refused in OpenAI's error shape,
 never ignored. The same keys (Bearer), admission, limits and deadlines apply as on the task routes.
 """
 
@@ -38,7 +40,9 @@ from app.api.negotiation import EVENTS
 from app.api.pipeline import ImageUpload, Submitted, cancel_on_disconnect, deadline, submit, upload_limits
 from app.api.streaming import TextStream, event_stream, sse
 from app.api.uploads import decode_base64_image, read_json_object
+from app.conversation import Conversation, Query, Role, Turn
 from app.engine.protocol import Completed
+from app.engine.request import GenerationOptions
 from app.imaging import DecodedImage
 
 GROUP = "chat"
@@ -100,7 +104,7 @@ async def list_models(request: Request) -> ModelList:
             },
         }
     },
-    summary="Answer a conversation about one image (OpenAI-compatible)",
+    summary="Answer a conversation, about images or text alone (OpenAI-compatible)",
 )
 async def create_chat_completion(
     request: Request,
@@ -118,15 +122,17 @@ async def create_chat_completion(
             raise ApiError(
                 404, "model_not_found", f"the model {chat.model[:200]!r} is not served here; see /v1/models"
             )
-        image, turns = conversation_parts(chat)
+        settings = running.service.settings
+        images, turns = conversation_parts(chat, settings.max_images)
         stops = stop_sequences(chat)
         submitted = await submit(
             request,
             arrived=arrived,
-            group=GROUP,
-            upload=ImageUpload(image),
-            max_new_tokens=requested_tokens(chat, running.service.settings.chat_max_new_tokens),
-            conversation=lambda decoded: running.runtime.conversation(with_picture(turns, decoded)),
+            options=GenerationOptions(requested_tokens(chat, settings.chat_max_new_tokens), group=GROUP),
+            # max_tokens is an upper bound, as OpenAI's clients treat it: lowered to what the context holds.
+            bounded=True,
+            uploads=[ImageUpload(image) for image in images],
+            queries=lambda decoded, order: [Query(with_pictures(turns, decoded), tuple(order))],
             deadline_s=deadline_s,
             deltas=True,
         )
@@ -171,16 +177,17 @@ def parse_request(document: dict[str, Any]) -> ChatCompletionRequest:
     return chat
 
 
-Turn = tuple[str, list[str | None]]  # a role and its parts: text, or None where the image goes
+ChatTurn = tuple[Role, list[str | int]]  # a role and its parts: texts, and the index of each image
 
 
-def conversation_parts(chat: ChatCompletionRequest) -> tuple[bytes, list[Turn]]:
-    """The one image's bytes, and the turns with a None where the image stands."""
-    image: bytes | None = None
-    turns: list[Turn] = []
+def conversation_parts(chat: ChatCompletionRequest, max_images: int) -> tuple[list[bytes], list[ChatTurn]]:
+    """The images' bytes in the order they come, and the turns with each image's index where it stands.
+    Any number of images (none: a text-only conversation), in user messages only."""
+    images: list[bytes] = []
+    turns: list[ChatTurn] = []
     for message in chat.messages:
-        role = "system" if message.role == "developer" else message.role
-        parts: list[str | None] = []
+        role: Role = "system" if message.role == "developer" else message.role
+        parts: list[str | int] = []
         for part in (
             [TextPart(type="text", text=message.content)]
             if isinstance(message.content, str)
@@ -189,16 +196,18 @@ def conversation_parts(chat: ChatCompletionRequest) -> tuple[bytes, list[Turn]]:
             if isinstance(part, TextPart):
                 parts.append(part.text)
                 continue
-            if image is not None:
-                raise ApiError(400, "invalid_request", "messages: exactly one image per request")
             if role != "user":
-                raise ApiError(400, "invalid_request", "messages: the image must be in a user message")
-            image = image_bytes(part.image_url.url)
-            parts.append(None)
+                raise ApiError(400, "invalid_request", "messages: images go in user messages")
+            if len(images) == max_images:
+                raise ApiError(
+                    413,
+                    "too_many_images",
+                    f"messages: at most {max_images} images per request on this server (MEDMO_MAX_IMAGES)",
+                )
+            parts.append(len(images))
+            images.append(image_bytes(part.image_url.url))
         turns.append((role, parts))
-    if image is None:
-        raise ApiError(400, "invalid_request", "messages: one image_url part is required (a data: URI)")
-    return image, turns
+    return images, turns
 
 
 def image_bytes(url: str) -> bytes:
@@ -212,18 +221,19 @@ def image_bytes(url: str) -> bytes:
     return decode_base64_image(url)
 
 
-def with_picture(turns: list[Turn], image: DecodedImage) -> list[tuple[str, list[Any]]]:
-    return [(role, [image.picture if part is None else part for part in parts]) for role, parts in turns]
-
-
-def requested_tokens(chat: ChatCompletionRequest, limit: int) -> int | None:
-    requested = chat.max_completion_tokens or chat.max_tokens
-    if requested is not None and requested > limit:
-        name = "max_completion_tokens" if chat.max_completion_tokens else "max_tokens"
-        raise ApiError(
-            400, "invalid_request", f"{name}: at most {limit} on this server (MEDMO_CHAT_MAX_NEW_TOKENS)"
+def with_pictures(turns: list[ChatTurn], images: list[DecodedImage]) -> Conversation:
+    return Conversation(
+        tuple(
+            Turn(role, tuple(images[part].picture if isinstance(part, int) else part for part in parts))
+            for role, parts in turns
         )
-    return requested
+    )
+
+
+def requested_tokens(chat: ChatCompletionRequest, limit: int) -> int:
+    """max_tokens (or max_completion_tokens) as the most to generate, within the server's chat limit."""
+    requested = chat.max_completion_tokens or chat.max_tokens
+    return limit if requested is None else min(requested, limit)
 
 
 def stop_sequences(chat: ChatCompletionRequest) -> list[str]:
@@ -243,7 +253,7 @@ class Answer:
     def __init__(self, submitted: Submitted, stops: list[str]) -> None:
         self.submitted = submitted
         self.stops = stops
-        self.text = TextStream(submitted, GROUP)
+        self.text = TextStream(submitted, submitted.first, GROUP)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.finish_reason: Literal["stop", "length"] = "length"
@@ -270,16 +280,16 @@ class Answer:
             self.completed = self.text.completed
             if self.completed is not None:
                 self.finish_reason = self.completed.generation.finish_reason
-                self.submitted.finished(self.completed, GROUP)
+                self.submitted.finished([self.completed], GROUP)
         finally:
-            await self.submitted.events.aclose()  # a stop sequence ends the generation, too
+            await self.submitted.aclose()  # a stop sequence ends the generation, too
 
     async def whole(self) -> tuple[str, Literal["stop", "length"]]:
         text = "".join([piece async for piece in self.pieces()])
         return text, self.finish_reason
 
     def usage(self) -> CompletionUsage:
-        prompt = self.submitted.prepared.prompt_tokens
+        prompt = self.submitted.first.prepared.prompt_tokens
         written = self.text.tokens
         return CompletionUsage(prompt_tokens=prompt, completion_tokens=written, total_tokens=prompt + written)
 

@@ -64,11 +64,16 @@ class ChatCompletionRequest(BaseModel):
     )
     messages: list[Message] = Field(
         min_length=1,
-        description="The conversation; exactly one image in all.",
+        description="The conversation: system, user and earlier assistant messages; images (up to the server's "
+        "MEDMO_MAX_IMAGES, see /info) in user messages, or none.",
         examples=[[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _EXAMPLE_URI}}]}]],
     )
     max_tokens: int | None = Field(
-        None, ge=1, description="Most tokens to generate (at most MEDMO_CHAT_MAX_NEW_TOKENS).", examples=[256]
+        None,
+        ge=1,
+        description="Most tokens to generate: an upper bound, lowered to the server's chat limit "
+        "(MEDMO_CHAT_MAX_NEW_TOKENS) and to what the context holds after the prompt.",
+        examples=[256],
     )
     max_completion_tokens: int | None = Field(
         None, ge=1, description="The same as max_tokens, OpenAI's newer name.", examples=[256]

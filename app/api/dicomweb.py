@@ -30,8 +30,16 @@ from app.api.errors import ApiError, describe_validation_errors
 from app.api.middleware import request_record
 from app.api.openapi import TASK_ERROR_RESPONSES
 from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
-from app.api.tasks import RequestId, RequestTimeout, anchorable_report, anchorable_state, dicom_answer
+from app.api.tasks import (
+    RequestId,
+    RequestTimeout,
+    anchorable_report,
+    anchorable_state,
+    dicom_answer,
+    read_answer,
+)
 from app.api.uploads import read_json_object
+from app.conversation import Captioned
 from app.imaging import DecodedImage
 from app.pacs.dicomweb import (
     UID_MAX_LENGTH,
@@ -44,7 +52,7 @@ from app.pacs.dicomweb import (
 from app.schemas import ErrorResponse, StoredInstance, TaskFields
 from app.settings import Settings
 from app.tasks import TASKS
-from app.tasks.base import Reading, Task
+from app.tasks.base import Task
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)])
 
@@ -90,7 +98,9 @@ def request_model(task: Task[Any, Any]) -> type[BaseModel]:
     kinds = Literal["sr", "gsps"] if task.draws else Literal["sr"]
     gsps = "; gsps, the findings as a Grayscale Softcopy Presentation State" if task.draws else ""
     fields: dict[str, Any] = {
-        name: (info.annotation, info) for name, info in task.fields.model_fields.items() if name != "stream"
+        name: (info.annotation, info)
+        for name, info in task.fields.model_fields.items()
+        if name not in ("stream", "image_order")  # one JSON answer; one instance
     }
     fields["store"] = (
         list[kinds],  # type: ignore[valid-type]
@@ -177,28 +187,27 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 dicom = await pacs.retrieve_instance(
                     study_instance_uid, series_instance_uid, sop_instance_uid
                 )
-            prompt = task.prompt(fields, settings.box_convention)
+            convention = settings.box_convention
             submitted = await submit(
                 request,
                 arrived=arrived,
-                group=task.name,
-                upload=ImageUpload(dicom, fields.frame, fields.window),
-                max_new_tokens=fields.max_new_tokens,
-                conversation=lambda image: running.runtime.messages(image.picture, prompt),
+                options=running.service.options(task.name, fields.max_new_tokens),
+                bounded=fields.max_new_tokens is None,
+                uploads=[ImageUpload(dicom, frame=fields.frame, window=fields.window)],
+                queries=lambda images, order: task.queries(
+                    fields, [Captioned(image.picture) for image in images], order, convention
+                ),
                 deadline_s=deadline_s,
                 deltas=False,
-                check_image=the_instance_asked_for(
-                    (study_instance_uid, series_instance_uid, sop_instance_uid), store
+                check_images=the_instances_asked_for(
+                    [(study_instance_uid, series_instance_uid, sop_instance_uid)], store
                 ),
             )
             completed = await collect(request, submitted)
             submitted.finished(completed, task.name)
-            reading = Reading(
-                settings.box_convention, submitted.prepared.model_input_size, submitted.image_size
-            )
-            parsed = task.parse(completed.generation.text, reading)
+            parsed = read_answer(task, submitted, completed, convention)
             stored = await store_answers(pacs, store, task, fields, parsed, submitted, study_instance_uid)
-        answer = task.answer(parsed, completed.generation.text, reading)
+        answer = task.answer(parsed, [c.generation.text for c in completed], convention)
         document = answer_model(**submitted.envelope(completed), **answer, stored=stored)
         return JSONResponse(document.model_dump(mode="json"))
 
@@ -221,23 +230,28 @@ async def read_body(request: Request, body_model: type[BaseModel], settings: Set
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
 
 
-def the_instance_asked_for(
-    uids: tuple[str, str, str], store: list[Literal["sr", "gsps"]]
-) -> Callable[[DecodedImage], None]:
-    """Before the model runs: the PACS sent a DICOM image, the one asked for (study, series and instance:
-    answers are stored into the study named in the path), and, if answers are to be stored, one they can
+def the_instances_asked_for(
+    uids: list[tuple[str, str, str]], store: list[Literal["sr", "gsps"]]
+) -> Callable[[list[DecodedImage]], None]:
+    """Before the model runs: the PACS sent DICOM images, the ones asked for (study, series and instance:
+    answers are stored into the study named in the path), and, if answers are to be stored, ones they can
     be anchored to."""
 
-    def check(image: DecodedImage) -> None:
-        if image.dicom is None:
-            raise PacsError("the PACS sent an image that is not DICOM")
-        sent = (image.dicom.study_instance_uid, image.dicom.series_instance_uid, image.dicom.sop_instance_uid)
-        if sent != uids:
-            raise PacsError("the PACS sent another instance than the one asked for")
+    def check(images: list[DecodedImage]) -> None:
+        for image, asked in zip(images, uids, strict=True):
+            if image.dicom is None:
+                raise PacsError("the PACS sent an image that is not DICOM")
+            sent = (
+                image.dicom.study_instance_uid,
+                image.dicom.series_instance_uid,
+                image.dicom.sop_instance_uid,
+            )
+            if sent != asked:
+                raise PacsError("the PACS sent another instance than the one asked for")
         if "sr" in store:
-            anchorable_report(image)
+            anchorable_report(images)
         if "gsps" in store:
-            anchorable_state(image)
+            anchorable_state(images)
 
     return check
 

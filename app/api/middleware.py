@@ -33,6 +33,7 @@ class RequestRecord:
     latency_ms: float = 0.0
     queue_ms: float | None = None
     batch_size: int | None = None
+    images: int | None = None  # how many the request held; the first one's size, format and modality follow
     image_width: int | None = None
     image_height: int | None = None
     image_format: str | None = None

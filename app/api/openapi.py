@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app.api.negotiation import DICOM, EVENTS, JPEG, PNG
-from app.schemas import ErrorResponse, ImageFields
+from app.schemas import ErrorResponse, ImageFields, TaskFields
 
 _IMAGE_UPLOAD = {
     "type": "string",
@@ -32,6 +32,20 @@ _IMAGE_UPLOAD = {
     # for its own file uploads.
     "contentMediaType": "application/octet-stream",
     "description": "The image file: PNG, JPEG, TIFF, BMP, WebP or DICOM.",
+}
+_IMAGE_UPLOADS = {
+    "type": "array",
+    "items": {key: value for key, value in _IMAGE_UPLOAD.items() if key != "description"},
+    "minItems": 1,
+    "description": "The image file, or one part named image per image (at most MEDMO_MAX_IMAGES, see /info: a "
+    "study's views, slices, a prior): PNG, JPEG, TIFF, BMP, WebP or DICOM.",
+}
+_CAPTIONS = {
+    "type": "array",
+    "items": {"type": "string", "maxLength": 200},
+    "description": "What each image is (frontal, lateral, prior 2025-03-02, slice 41 of 80), put before it in "
+    "the prompt: none, or one per image in the images' order (empty for an image without one).",
+    "examples": [["frontal", "lateral"]],
 }
 _DICOM_FILE = {"type": "string", "format": "binary", "contentMediaType": DICOM}
 _PICTURE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
@@ -48,6 +62,31 @@ _IMAGE_BASE64 = {
     "contentEncoding": "base64",
     "description": "The image file, base64-encoded, plain or as a data URI (data:image/png;base64,...).",
     "examples": [EXAMPLE_PNG_BASE64],
+}
+_IMAGES_JSON = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "anyOf": [
+            {key: value for key, value in _IMAGE_BASE64.items() if key != "examples"},
+            {
+                "type": "object",
+                "properties": {
+                    "image": {key: value for key, value in _IMAGE_BASE64.items() if key != "examples"},
+                    "caption": {
+                        "type": "string",
+                        "maxLength": 200,
+                        "description": "What the image is, put before it in the prompt.",
+                    },
+                },
+                "required": ["image"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+    "description": "Instead of image: several images (at most MEDMO_MAX_IMAGES, see /info), each base64 or "
+    "{image, caption}.",
+    "examples": [[{"image": EXAMPLE_PNG_BASE64, "caption": "frontal"}]],
 }
 
 TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -89,6 +128,12 @@ def upload_request_body(fields_model: type[ImageFields]) -> dict[str, Any]:
     as query parameters beside a raw DICOM body."""
     upload, as_json = _schema_names(fields_model)
     fields = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    if issubclass(fields_model, TaskFields):
+        fields["properties"]["caption"] = {
+            "type": "string",
+            "maxLength": 200,
+            "description": "What the image is, put before it in the prompt.",
+        }
     query = [
         {
             "name": name,
@@ -141,14 +186,24 @@ def task_request_body(fields_model: type[ImageFields], *, draws: bool) -> dict[s
 
 
 def task_body_schemas(fields_model: type[ImageFields]) -> dict[str, dict[str, Any]]:
+    """The multipart and JSON bodies of a route taking `fields_model`: one image, or for a task, several."""
     fields = fields_model.model_json_schema(ref_template="#/components/schemas/{model}")
+    several = issubclass(fields_model, TaskFields)
+    upload_images: dict[str, Any] = (
+        {"image": _IMAGE_UPLOADS, "caption": _CAPTIONS} if several else {"image": _IMAGE_UPLOAD}
+    )
+    json_images: dict[str, Any] = (
+        {"image": _IMAGE_BASE64, "images": _IMAGES_JSON} if several else {"image": _IMAGE_BASE64}
+    )
     schemas: dict[str, dict[str, Any]] = {}
-    for name, image in zip(_schema_names(fields_model), (_IMAGE_UPLOAD, _IMAGE_BASE64), strict=True):
+    for name, images in zip(_schema_names(fields_model), (upload_images, json_images), strict=True):
         schema = copy.deepcopy(fields)
         schema.pop("$defs", None)
         schema["title"] = name
-        schema["properties"] = {"image": image, **schema.get("properties", {})}
-        schema["required"] = ["image", *schema.get("required", [])]
+        schema["properties"] = {**copy.deepcopy(images), **schema.get("properties", {})}
+        # JSON takes `image` or `images`: the schema requires neither, the server exactly one of them.
+        if not (several and name.endswith("Json")):
+            schema["required"] = ["image", *schema.get("required", [])]
         for field in schema["properties"].values():
             # A field left out and a null mean the same to the server; a declared default makes
             # openapi-typescript, which reads one as "always present", require the field of callers.
@@ -164,10 +219,10 @@ SERVERS = [{"url": "/", "description": "The service that serves this schema"}]
 TAGS = [
     {
         "name": "tasks",
-        "description": "Inference on one image: a clinical question answered, a radiology report, "
-        "abnormalities or a named target boxed. The image comes as a multipart file, base64 in JSON, or "
-        "a raw DICOM body; the answer is JSON, or a DICOM Structured Report for a DICOM image when "
-        "Accept asks for application/dicom.",
+        "description": "Inference on an image or a study's images (views, slices, a prior): a clinical "
+        "question answered, a radiology report, abnormalities or a named target boxed. Images come as "
+        "multipart files, base64 in JSON, or a raw DICOM body; the answer is JSON, or a DICOM Structured "
+        "Report for DICOM images when Accept asks for application/dicom.",
     },
     {
         "name": "dicomweb",
@@ -182,7 +237,7 @@ TAGS = [
     },
     {
         "name": "openai",
-        "description": "OpenAI-compatible chat completions about one image (a data: URI), for the openai SDKs "
+        "description": "OpenAI-compatible chat completions about images (data: URIs) or text alone, for the openai SDKs "
         "and the tools built on them. Errors here are in OpenAI's shape.",
     },
     {

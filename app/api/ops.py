@@ -92,6 +92,9 @@ async def info(request: Request) -> Info:
         limits=Limits(
             max_upload_bytes=settings.max_upload_bytes,
             max_image_pixels=settings.max_image_pixels,
+            max_images=settings.max_images,
+            max_total_pixels=settings.max_total_pixels,
+            max_context=settings.max_context,
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
             max_new_tokens={task: settings.max_new_tokens(task) for task in TASKS},

@@ -6,18 +6,22 @@ the queue only once its body has arrived: a client that stalls mid-upload holds 
 number and in rate, `uploads.py`), never a place that a ready request could use. Decoding and preparing
 run in worker threads, overlapping with the model's work on other requests. Everything that can refuse a
 request happens before it is submitted, so a refused request gets its ordinary status, streamed or not.
+
+A request may hold several images (and a chat none): they are decoded one after the other within one pixel
+budget (MEDMO_MAX_TOTAL_PIXELS), shown in the order `image_order` asks, and asked about in one or more
+queries (`app.conversation.Query`), each a sequence of its own in the engine with a place of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 
@@ -25,68 +29,120 @@ from app.api.deps import Running, get_running
 from app.api.errors import ApiError
 from app.api.middleware import RequestRecord, request_record
 from app.api.uploads import UploadLimits
-from app.engine.protocol import Completed, DeadlineExceededError, RequestStream, WorkerDiedError
-from app.engine.request import PreparedRequest
-from app.imaging import Cancellation, DecodedImage, DicomSource, ImageLimits, decode_image
-from app.schemas import DicomInfo, ImageSize, Timing, Usage, WindowInfo
-from app.settings import Settings
+from app.conversation import Query
+from app.engine.protocol import (
+    Completed,
+    DeadlineExceededError,
+    Engine,
+    RequestStream,
+    WorkerDiedError,
+)
+from app.engine.request import GenerationOptions, PreparedRequest
+from app.imaging import (
+    Cancellation,
+    DecodedImage,
+    DicomSource,
+    ImageLimits,
+    TooManyPixelsError,
+    decode_image,
+)
+from app.imaging.series import anatomical_order
+from app.schemas import DicomInfo, ImageInfo, ImageSize, Timing, Usage, WindowInfo
+from app.settings import PROMPT_ALLOWANCE, Settings
 
 T = TypeVar("T")
+
+ImageOrder = Literal["anatomical", "as_sent"]
+# Qwen3-VL feeds one token per 32x32 pixels of an image.
+PIXELS_PER_TOKEN = 32 * 32
 
 
 @dataclass(frozen=True)
 class ImageUpload:
-    """The image of a request as it arrived, and how to display it if it is DICOM."""
+    """An image of a request as it arrived, what the client says it is, and how to display it if DICOM."""
 
     data: bytes
+    caption: str | None = None
     frame: int | None = None
     window: str | None = None
 
 
 @dataclass
+class Generating:
+    """One query of a request in the engine: what it asks, as prepared, and the stream of its tokens."""
+
+    query: Query
+    prepared: PreparedRequest
+    events: RequestStream
+
+
+@dataclass
 class Submitted:
-    """A request in the engine: what it was made from, and the stream of its tokens."""
+    """A request in the engine: what it was made from, and its queries' token streams."""
 
     running: Running
     record: RequestRecord
     arrived: float
-    image: DecodedImage
-    prepared: PreparedRequest
-    events: RequestStream
+    images: list[DecodedImage]  # as sent
+    captions: list[str | None]
+    order: list[int]  # indexes of `images` in the order the model is shown them
+    queries: list[Generating]
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return self.image.width, self.image.height
+    def first(self) -> Generating:
+        return self.queries[0]
 
-    def envelope(self, completed: Completed) -> dict[str, Any]:
-        """The response fields every task shares."""
+    def envelope(self, completed: Sequence[Completed]) -> dict[str, Any]:
+        """The response fields every task shares, for its queries' results (in the order of `queries`)."""
         description = self.running.runtime.description
+        first = self.images[0]
         return {
             "request_id": self.record.request_id,
             "model": description.model,
-            "image": ImageSize(width=self.image.width, height=self.image.height),
-            "dicom": dicom_info(self.image.dicom),
+            "image": ImageSize(width=first.width, height=first.height),
+            "images": [
+                ImageInfo(
+                    index=index,
+                    shown_as=self.order.index(index) + 1,
+                    caption=self.captions[index],
+                    width=image.width,
+                    height=image.height,
+                    dicom=dicom_info(image.dicom),
+                )
+                for index, image in enumerate(self.images)
+            ],
+            "dicom": dicom_info(first.dicom),
             "usage": Usage(
-                prompt_tokens=completed.generation.prompt_tokens,
-                completion_tokens=completed.generation.completion_tokens,
+                prompt_tokens=sum(c.generation.prompt_tokens for c in completed),
+                completion_tokens=sum(c.generation.completion_tokens for c in completed),
             ),
+            "finish_reason": "length"
+            if any(c.generation.finish_reason == "length" for c in completed)
+            else "stop",
             "timing": Timing(
-                queue_ms=round(completed.queue_s * 1000, 3),
-                inference_ms=round(completed.inference_s * 1000, 3),
+                queue_ms=round(max(c.queue_s for c in completed) * 1000, 3),
+                inference_ms=round(max(c.inference_s for c in completed) * 1000, 3),
                 total_ms=round((time.monotonic() - self.arrived) * 1000, 3),
             ),
         }
 
-    def finished(self, completed: Completed, group: str) -> None:
+    def finished(self, completed: Sequence[Completed], group: str) -> None:
         """Account for a request the model has finished: access log and token metrics."""
-        self.record.queue_ms = round(completed.queue_s * 1000, 3)
-        self.record.batch_size = completed.batch_size
+        self.record.queue_ms = round(max(c.queue_s for c in completed) * 1000, 3)
+        self.record.batch_size = max(c.batch_size for c in completed)
         metrics = self.running.service.metrics
-        metrics.generated_tokens.labels(task=group).inc(completed.generation.completion_tokens)
+        metrics.generated_tokens.labels(task=group).inc(
+            sum(c.generation.completion_tokens for c in completed)
+        )
 
     def ended_early(self, tokens: int, group: str) -> None:
         """Account for a request its reader ended before the model did (a stop sequence): its tokens so far."""
         self.running.service.metrics.generated_tokens.labels(task=group).inc(tokens)
+
+    async def aclose(self) -> None:
+        """Abandon whatever of the request is still generating."""
+        for generating in self.queries:
+            await generating.events.aclose()
 
 
 @asynccontextmanager
@@ -107,54 +163,115 @@ async def submit(
     request: Request,
     *,
     arrived: float,
-    group: str,
-    upload: ImageUpload,
-    max_new_tokens: int | None,
-    conversation: Callable[[DecodedImage], list[dict[str, Any]]],
+    options: GenerationOptions,
+    bounded: bool,
+    uploads: Sequence[ImageUpload],
+    queries: Callable[[list[DecodedImage], list[int]], list[Query]],
     deadline_s: float,
     deltas: bool,
-    check_image: Callable[[DecodedImage], None] | None = None,
+    image_order: ImageOrder = "as_sent",
+    check_images: Callable[[list[DecodedImage]], None] | None = None,
 ) -> Submitted:
-    """Take a place, decode and prepare the upload, and hand it to the engine.
+    """Take a place, decode the uploads, prepare the queries they are asked in, and hand them to the engine.
 
-    `conversation` builds what the model is asked from the decoded image; `check_image` may refuse an image
-    before any inference is spent (a DICOM Structured Report that could not be anchored to it, say).
+    `queries` builds what the model is asked from the decoded images (as sent) and the order to show them
+    in; `check_images` may refuse images before any inference is spent (a DICOM Structured Report that
+    could not be anchored to them, say). `bounded`: `options.max_new_tokens` is an upper bound, lowered to
+    what the context leaves after the prompt; otherwise the client asked for that many, and a prompt that
+    leaves fewer is refused.
     """
     running = get_running(request)
-    service, runtime, engine = running.service, running.runtime, running.engine
+    service, engine = running.service, running.engine
     record = request_record(request)
-    options = service.options(group, max_new_tokens)
-    admission = engine.admit()
+    admissions = [engine.admit()]
     try:
-        image = await decode_upload(request, running.prepare_pool, upload, image_limits(service.settings))
-        record.image_width, record.image_height = image.width, image.height
-        record.image_format = image.source_format
-        record.modality = image.dicom.modality if image.dicom else None
-        if check_image is not None:
-            check_image(image)
-        prepared = await in_pool(
-            running.prepare_pool, partial(runtime.prepare_conversation, conversation(image), options)
+        images = await decode_uploads(request, running.prepare_pool, uploads, service.settings)
+        first = images[0] if images else None
+        record.images = len(images)
+        if first is not None:
+            record.image_width, record.image_height = first.width, first.height
+            record.image_format = first.source_format
+            record.modality = first.dicom.modality if first.dicom else None
+        if check_images is not None:
+            check_images(images)
+        order = (
+            anatomical_order([image.dicom.header if image.dicom else None for image in images])
+            if image_order == "anatomical"
+            else list(range(len(images)))
         )
-        events = engine.submit(admission, prepared, deadline_s=deadline_s, deltas=deltas)
-    except BaseException:
-        admission.release()
-        raise
-    return Submitted(running, record, arrived, image, prepared, events)
-
-
-async def collect(request: Request, submitted: Submitted) -> Completed:
-    """Wait for the request's result; give it up if the client goes away first."""
-
-    async def result() -> Completed:
+        asked = queries(images, order)
+        admissions += [engine.admit() for _ in asked[1:]]  # a place for each sequence the engine runs
+        prepared = await asyncio.gather(
+            *(
+                in_pool(running.prepare_pool, partial(prepare, running, query, options, bounded=bounded))
+                for query in asked
+            )
+        )
+        generating: list[Generating] = []
         try:
-            async for event in submitted.events:
-                if isinstance(event, Completed):
-                    return event
-        finally:
-            await submitted.events.aclose()
+            for admission, query, ready in zip(admissions, asked, prepared, strict=True):
+                events = engine.submit(admission, ready, deadline_s=deadline_s, deltas=deltas)
+                generating.append(Generating(query, ready, events))
+        except BaseException:
+            for started in generating:
+                await started.events.aclose()
+            raise
+    except BaseException:
+        for admission in admissions:
+            admission.release()
+        raise
+    captions = [upload.caption for upload in uploads]
+    return Submitted(running, record, arrived, images, captions, order, generating)
+
+
+def prepare(running: Running, query: Query, options: GenerationOptions, *, bounded: bool) -> PreparedRequest:
+    """A query prepared for the model: its images fed at the size their share of the context allows,
+    and its token limit fitted to what the context leaves, if it may be lowered. CPU work, for the pool."""
+    settings = running.service.settings
+    images = len(query.images)
+    prepared = running.runtime.prepare(
+        query.conversation,
+        options,
+        max_pixels=image_area(settings, images, options.max_new_tokens) if images > 1 else None,
+    )
+    room = fitting_tokens(running.engine, prepared)
+    if bounded and room is not None and 1 <= room < options.max_new_tokens:
+        return prepared.limited_to(room)
+    return prepared
+
+
+def image_area(settings: Settings, images: int, answer_tokens: int) -> int:
+    """The most pixels each of `images` images is fed at, so that together with a prompt and an answer of
+    `answer_tokens` they fit in MEDMO_MAX_CONTEXT: MEDMO_MAX_PIXELS when there is room, never less than
+    MEDMO_MIN_PIXELS (a prompt that then still does not fit is refused as too long)."""
+    room = settings.max_context - PROMPT_ALLOWANCE - answer_tokens
+    share = room * PIXELS_PER_TOKEN // max(1, images)
+    return max(settings.min_pixels, min(settings.max_pixels, share))
+
+
+def fitting_tokens(engine: Engine, prepared: PreparedRequest) -> int | None:
+    """The most tokens the engine can generate after this prompt; None if it has no fixed context."""
+    if engine.context is None:
+        return None
+    return engine.context - prepared.prompt_tokens + 1
+
+
+async def collect(request: Request, submitted: Submitted) -> list[Completed]:
+    """Wait for the results of all the request's queries; give them up if the client goes away first."""
+
+    async def result(events: RequestStream) -> Completed:
+        async for event in events:
+            if isinstance(event, Completed):
+                return event
         raise WorkerDiedError("the engine ended a stream without a result")
 
-    return await cancel_on_disconnect(request, result())
+    async def results() -> list[Completed]:
+        try:
+            return list(await asyncio.gather(*(result(g.events) for g in submitted.queries)))
+        finally:
+            await submitted.aclose()
+
+    return await cancel_on_disconnect(request, results())
 
 
 def upload_limits(settings: Settings) -> UploadLimits:
@@ -162,15 +279,37 @@ def upload_limits(settings: Settings) -> UploadLimits:
         max_image_bytes=settings.max_upload_bytes,
         timeout_s=settings.upload_timeout_s,
         min_bytes_per_s=settings.min_upload_bytes_per_s,
+        max_images=settings.max_images,
     )
 
 
-def image_limits(settings: Settings) -> ImageLimits:
-    return ImageLimits(
-        max_bytes=settings.max_upload_bytes,
-        max_pixels=settings.max_image_pixels,
-        max_frames=settings.max_dicom_frames,
-    )
+async def decode_uploads(
+    request: Request, pool: Executor, uploads: Sequence[ImageUpload], settings: Settings
+) -> list[DecodedImage]:
+    """Decode a request's images one after the other, each within what the pixel budget of them all
+    (MEDMO_MAX_TOTAL_PIXELS) leaves: the images a request holds in memory are bounded together."""
+    left = settings.max_total_pixels
+    images = []
+    for number, upload in enumerate(uploads, start=1):
+        limits = ImageLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=min(settings.max_image_pixels, left),
+            max_frames=settings.max_dicom_frames,
+        )
+        try:
+            image = await decode_upload(request, pool, upload, limits)
+        except TooManyPixelsError as exc:
+            if exc.pixels <= settings.max_image_pixels:  # the budget left, not the image, was too small
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"the images decode to more than {settings.max_total_pixels} pixels together "
+                    f"(MEDMO_MAX_TOTAL_PIXELS): image {number} of {len(uploads)} would pass it",
+                ) from None
+            raise
+        left -= image.width * image.height
+        images.append(image)
+    return images
 
 
 async def decode_upload(

@@ -7,6 +7,7 @@ the request's generation: Starlette cancels the stream, and closing it abandons 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,7 @@ from starlette.responses import StreamingResponse
 
 from app.api.errors import Failure, classify
 from app.api.negotiation import EVENTS
-from app.api.pipeline import Submitted
+from app.api.pipeline import Generating, Submitted
 from app.engine.detokenizer import Detokenizer
 from app.engine.protocol import Completed, TokenDelta
 
@@ -33,10 +34,12 @@ def sse(event: str | None, data: Any) -> bytes:
 
 
 class TextStream:
-    """A submitted request's text as it is written, with the timings that the access log and metrics keep."""
+    """The text of one of a submitted request's queries as it is written, with the timings that the access
+    log and metrics keep."""
 
-    def __init__(self, submitted: Submitted, route: str) -> None:
+    def __init__(self, submitted: Submitted, generating: Generating, route: str) -> None:
         self.submitted = submitted
+        self.generating = generating
         self.route = route
         self.detokenizer = Detokenizer(submitted.running.runtime.decode)
         self.first_text_at: float | None = None
@@ -45,7 +48,7 @@ class TextStream:
 
     async def deltas(self) -> AsyncIterator[str]:
         """New text as it comes; at the end, whatever the whole answer adds. Sets `completed`."""
-        async for event in self.submitted.events:
+        async for event in self.generating.events:
             if isinstance(event, TokenDelta):
                 self.tokens += len(event.token_ids)
                 text = self.detokenizer.push(event.token_ids)
@@ -62,8 +65,8 @@ class TextStream:
 
     def account(self, completed: Completed) -> None:
         submitted, metrics = self.submitted, self.submitted.running.service.metrics
-        if self.first_text_at is None:
-            return
+        if self.first_text_at is None or submitted.record.time_to_first_token_ms is not None:
+            return  # a request of several queries is timed by the first that writes
         first_token_s = self.first_text_at - submitted.arrived
         record = submitted.record
         record.time_to_first_token_ms = round(first_token_s * 1000, 3)
@@ -77,27 +80,66 @@ class TextStream:
 
 
 def event_stream(body: AsyncIterator[bytes], submitted: Submitted) -> StreamingResponse:
-    # Closing the request's stream once the response is done also covers a response never iterated.
+    # Closing the request's streams once the response is done also covers a response never iterated.
     return StreamingResponse(
         body,
         media_type=EVENTS,
         headers=STREAM_HEADERS,
-        background=BackgroundTask(submitted.events.aclose),
+        background=BackgroundTask(submitted.aclose),
     )
 
 
 async def task_events(
-    stream: TextStream, result: Callable[[Completed], dict[str, Any]]
+    streams: list[TextStream], result: Callable[[list[Completed]], dict[str, Any]]
 ) -> AsyncIterator[bytes]:
-    """`delta` events with new text, then one `result` event with the route's JSON response, or one `error`."""
+    """`delta` events with new text, then one `result` event with the route's JSON response, or one `error`.
+
+    A request of several queries (grounding several images) streams them side by side: each delta names
+    the image its text is about (`image_index`).
+    """
+    submitted = streams[0].submitted
     try:
-        async for text in stream.deltas():
-            yield sse("delta", {"text": text})
-        assert stream.completed is not None
-        yield sse("result", result(stream.completed))
+        if len(streams) == 1:
+            async for text in streams[0].deltas():
+                yield sse("delta", {"text": text})
+        else:
+            async for stream, text in side_by_side(streams):
+                yield sse("delta", {"text": text, "image_index": stream.generating.query.images[0]})
+        completed = [stream.completed for stream in streams]
+        assert all(c is not None for c in completed)
+        yield sse("result", result([c for c in completed if c is not None]))
     except Exception as exc:
         failure: Failure = classify(exc)
-        stream.submitted.record.status = failure.status  # the log says how it ended, not the 200 it began as
-        yield sse("error", failure.body(stream.submitted.record.request_id))
+        submitted.record.status = failure.status  # the log says how it ended, not the 200 it began as
+        yield sse("error", failure.body(submitted.record.request_id))
     finally:
-        await stream.submitted.events.aclose()
+        await submitted.aclose()
+
+
+async def side_by_side(streams: list[TextStream]) -> AsyncIterator[tuple[TextStream, str]]:
+    """Every stream's text as it comes, whichever writes first; the first failure ends them all."""
+    news: asyncio.Queue[tuple[TextStream, str | BaseException | None]] = asyncio.Queue()
+
+    async def read(stream: TextStream) -> None:
+        try:
+            async for text in stream.deltas():
+                await news.put((stream, text))
+            await news.put((stream, None))
+        except Exception as exc:
+            await news.put((stream, exc))
+
+    readers = [asyncio.create_task(read(stream)) for stream in streams]
+    try:
+        running = len(readers)
+        while running:
+            stream, item = await news.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield stream, item
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)

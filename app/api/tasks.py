@@ -1,5 +1,6 @@
-"""One POST route per task (`app/tasks/`): /vqa, /report, /ground, each answering JSON, a stream of
-Server-Sent Events, or a DICOM Structured Report."""
+"""One POST route per task (`app/tasks/`): /vqa, /report, /ground, each taking one image or several and
+answering JSON, a stream of Server-Sent Events, or a DICOM Structured Report (and for /ground, a picture of
+one image with its findings drawn, or a presentation state)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.auth import require_api_key
@@ -18,13 +19,14 @@ from app.api.negotiation import DICOM, IMAGES, Representation, representation
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
 from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
 from app.api.streaming import TextStream, event_stream, task_events
-from app.api.uploads import read_task_upload
+from app.api.uploads import UploadedImage, read_task_upload
+from app.conversation import Captioned
 from app.engine.protocol import Completed
-from app.imaging import DecodedImage
+from app.imaging import DecodedImage, DicomSource
 from app.outputs import overlay
-from app.outputs.dicom_sr import Author, check_report_source, structured_report
-from app.outputs.gsps import check_presentation_source, presentation_state
-from app.schemas import TaskFields
+from app.outputs.dicom_sr import Author, check_report_sources, structured_report
+from app.outputs.gsps import check_presentation_sources, presentation_state
+from app.schemas import BoxConvention, TaskFields
 from app.tasks import TASKS
 from app.tasks.base import Reading, Task
 
@@ -55,14 +57,33 @@ RequestId = Annotated[
 ]
 
 
+PictureIndex = Annotated[
+    int | None,
+    Query(
+        alias="image",
+        ge=0,
+        le=63,
+        description="With Accept: image/png or image/jpeg: which image (its index as sent, 0 for the first) to "
+        "draw with its findings. Default: the first.",
+    ),
+]
+
+
 def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Response]]:
     async def endpoint(
-        request: Request, x_request_timeout: RequestTimeout = None, x_request_id: RequestId = None
+        request: Request,
+        x_request_timeout: RequestTimeout = None,
+        x_request_id: RequestId = None,
+        picture_index: PictureIndex = None,
     ) -> Response:
         arrived = time.monotonic()
         wanted = representation(request.headers.get("accept"))
         if wanted in ("gsps", *IMAGES) and not task.draws:
             raise ApiError(406, "not_acceptable", f"/{task.name} draws no findings: ask for JSON")
+        if picture_index is not None and wanted not in IMAGES:
+            raise ApiError(
+                422, "invalid_request", "image: chooses the image a picture answer draws (Accept: image/png)"
+            )
         running = get_running(request)
         settings = running.service.settings
         running.engine.check_admission()
@@ -73,54 +94,110 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             streaming = wanted == "events" or bool(fields.stream)
             if streaming and wanted not in ("events", "json"):
                 raise ApiError(406, "not_acceptable", "only JSON answers stream: leave out stream")
-            prompt = task.prompt(fields, settings.box_convention)
+            convention = settings.box_convention
             submitted = await submit(
                 request,
                 arrived=arrived,
-                group=task.name,
-                upload=ImageUpload(upload.image, fields.frame, fields.window),
-                max_new_tokens=fields.max_new_tokens,
-                conversation=lambda image: running.runtime.messages(image.picture, prompt),
+                options=running.service.options(task.name, fields.max_new_tokens),
+                bounded=fields.max_new_tokens is None,
+                uploads=[
+                    ImageUpload(image.data, image.caption, fields.frame, fields.window)
+                    for image in upload.images
+                ],
+                queries=lambda images, order: task.queries(
+                    fields, captioned(images, upload.images), order, convention
+                ),
+                image_order=fields.image_order or "anatomical",
                 deadline_s=deadline_s,
                 deltas=streaming,
-                check_image={"dicom": anchorable_report, "gsps": anchorable_state}.get(wanted),
-            )
-            reading = Reading(
-                settings.box_convention, submitted.prepared.model_input_size, submitted.image_size
+                check_images=answerable(wanted, picture_index),
             )
 
-            def result(completed: Completed) -> dict[str, Any]:
+            def result(completed: list[Completed]) -> dict[str, Any]:
                 submitted.finished(completed, task.name)
-                parsed = task.parse(completed.generation.text, reading)
-                answer = task.answer(parsed, completed.generation.text, reading)
+                parsed = read_answer(task, submitted, completed, convention)
+                texts = [c.generation.text for c in completed]
+                answer = task.answer(parsed, texts, convention)
                 return task.response(**submitted.envelope(completed), **answer).model_dump(mode="json")
 
             if streaming:
-                return event_stream(task_events(TextStream(submitted, task.name), result), submitted)
+                streams = [TextStream(submitted, generating, task.name) for generating in submitted.queries]
+                return event_stream(task_events(streams, result), submitted)
             completed = await collect(request, submitted)
         if wanted == "json":
             return JSONResponse(result(completed))
         submitted.finished(completed, task.name)
-        parsed = task.parse(completed.generation.text, reading)
-        return await drawn_or_filed(wanted, task, fields, parsed, submitted)
+        parsed = read_answer(task, submitted, completed, convention)
+        return await drawn_or_filed(wanted, task, fields, parsed, submitted, picture_index or 0)
 
     endpoint.__name__ = task.name
     return endpoint
 
 
-def anchorable_report(image: DecodedImage) -> None:
-    """Refuse, before the model runs, an image a Structured Report cannot be anchored to: 406 for a picture,
-    422 for a DICOM source that lacks what the report needs (not a 500 after the inference)."""
-    if image.dicom is None:
-        raise ApiError(406, "not_acceptable", "a DICOM answer (application/dicom) needs a DICOM image")
-    check_report_source(image.dicom)
+def captioned(images: list[DecodedImage], uploaded: list[UploadedImage]) -> list[Captioned]:
+    return [Captioned(image.picture, sent.caption) for image, sent in zip(images, uploaded, strict=True)]
 
 
-def anchorable_state(image: DecodedImage) -> None:
-    """The same for a Grayscale Softcopy Presentation State, which also needs a grayscale image."""
-    if image.dicom is None:
-        raise ApiError(406, "not_acceptable", "a DICOM answer (application/dicom) needs a DICOM image")
-    check_presentation_source(image.dicom)
+def read_answer(
+    task: Task[Any, Any], submitted: Submitted, completed: list[Completed], convention: BoxConvention
+) -> Any:
+    """What the model wrote for each of the request's queries, read by the task as one answer."""
+    parsed = []
+    for generating, result in zip(submitted.queries, completed, strict=True):
+        index = generating.query.images[0]  # the image its boxes are on, when it grounds one
+        image = submitted.images[index]
+        reading = Reading(
+            convention,
+            generating.prepared.model_input_sizes[0],
+            (image.width, image.height),
+            image_index=index,
+            sop_instance_uid=image.dicom.sop_instance_uid if image.dicom else None,
+            frame=image.dicom.frame if image.dicom else None,
+        )
+        parsed.append(task.parse(result.generation.text, reading))
+    return task.combine(parsed)
+
+
+def answerable(wanted: Representation, picture_index: int | None) -> Callable[[list[DecodedImage]], None]:
+    """Before the model runs: refuse what the answer asked for cannot be made of these images."""
+
+    def check(images: list[DecodedImage]) -> None:
+        if picture_index is not None and picture_index >= len(images):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"image: {picture_index} names no image; the request has {len(images)}",
+            )
+        if wanted == "dicom":
+            anchorable_report(images)
+        elif wanted == "gsps":
+            anchorable_state(images)
+
+    return check
+
+
+def dicom_sources(images: list[DecodedImage]) -> list[DicomSource]:
+    """Every image's DICOM source; 406 if one is not DICOM (an answer in DICOM references them all)."""
+    sources = [image.dicom for image in images]
+    if any(source is None for source in sources):
+        raise ApiError(
+            406,
+            "not_acceptable",
+            "a DICOM answer (application/dicom) needs DICOM images"
+            + (", every one of them" if len(images) > 1 else ""),
+        )
+    return [source for source in sources if source is not None]
+
+
+def anchorable_report(images: list[DecodedImage]) -> None:
+    """Refuse, before the model runs, images a Structured Report cannot be anchored to: 406 for a picture,
+    422 for DICOM sources that lack what the report needs (not a 500 after the inference)."""
+    check_report_sources(dicom_sources(images))
+
+
+def anchorable_state(images: list[DecodedImage]) -> None:
+    """The same for a Grayscale Softcopy Presentation State, which also needs grayscale images of one study."""
+    check_presentation_sources(dicom_sources(images))
 
 
 def dicom_answer(
@@ -130,28 +207,34 @@ def dicom_answer(
     parsed: Any,
     submitted: Submitted,
 ) -> bytes:
-    """The answer as a DICOM object in the source's study: a Structured Report (dicom) or a Grayscale
+    """The answer as a DICOM object in the first source's study: a Structured Report (dicom) or a Grayscale
     Softcopy Presentation State (gsps). CPU work, for the preparation pool."""
     description = submitted.running.runtime.description
     author = Author(model=description.model, revision=description.revision)
-    source = submitted.image.dicom
-    assert source is not None  # anchorable_report / anchorable_state refused the rest before the model ran
+    # anchorable_report / anchorable_state refused images that are not all DICOM before the model ran.
+    sources = dicom_sources(submitted.images)
     if kind == "gsps":
-        return presentation_state(source, author, task.annotations(parsed) or [])
-    return structured_report(source, author, task.report_content(fields, parsed, source), task.report_title)
+        return presentation_state(sources, author, task.annotations(parsed) or [])
+    return structured_report(sources, author, task.report_content(fields, parsed, sources), task.report_title)
 
 
 async def drawn_or_filed(
-    wanted: Representation, task: Task[Any, Any], fields: TaskFields, parsed: Any, submitted: Submitted
+    wanted: Representation,
+    task: Task[Any, Any],
+    fields: TaskFields,
+    parsed: Any,
+    submitted: Submitted,
+    picture_index: int,
 ) -> Response:
-    """The answer as a DICOM object for the source's study, or as the picture with its findings drawn,
-    built off the event loop."""
+    """The answer as a DICOM object for the sources' study, or as one image (`picture_index`) with its
+    findings drawn, built off the event loop."""
 
     def build() -> bytes:
         if wanted == "dicom" or wanted == "gsps":
             return dicom_answer(wanted, task, fields, parsed, submitted)
-        annotations = task.annotations(parsed) or []
-        return overlay.encode(overlay.draw(submitted.image.picture, annotations), IMAGES[wanted])
+        annotations = [a for a in task.annotations(parsed) or [] if a.image == picture_index]
+        picture = submitted.images[picture_index].picture
+        return overlay.encode(overlay.draw(picture, annotations), IMAGES[wanted])
 
     document = await in_pool(submitted.running.prepare_pool, build)
     if wanted in IMAGES:

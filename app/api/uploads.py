@@ -1,5 +1,8 @@
-"""Read a task request's body: the image and the text fields, as multipart/form-data, as JSON, or as a
-raw DICOM file (application/dicom) with the fields in the query string, as a PACS sends it.
+"""Read a task request's body: its images and text fields, as multipart/form-data (one `image` part per
+image, and optionally one `caption` field per image in the same order), as JSON (`image`, or `images`: a
+list of base64 strings or {"image", "caption"} objects), or as a raw DICOM file (application/dicom, one
+image) with the fields in the query string, as a PACS sends it. More than MEDMO_MAX_IMAGES images are
+refused (413) before any is decoded; the images of a request share the body's size limit.
 
 The body is read in chunks and refused with 413 as soon as it passes its limit (and before reading at all
 when Content-Length already says so), and with 408 when it arrives too slowly: after a short grace, on
@@ -38,6 +41,11 @@ FieldsT = TypeVar("FieldsT", bound=ImageFields)
 # Room for the text fields and the multipart framing around the image.
 FIELDS_ALLOWANCE_BYTES = 256 * 1024
 IMAGE_FIELD = "image"
+IMAGES_FIELD = "images"  # JSON: several images, each a base64 string or {"image": ..., "caption": ...}
+CAPTION_FIELD = "caption"  # multipart: one per image, in order; application/dicom: the query's one
+MAX_CAPTION_CHARS = 200
+# The query parameter choosing which image a picture answer draws (?image=1); not a field of the task.
+PICTURE_PARAMETER = "image"
 DICOM_MEDIA_TYPE = "application/dicom"
 # The first seconds of an upload are not held to the minimum rate: connections start slowly.
 RATE_GRACE_S = 5.0
@@ -45,9 +53,10 @@ RATE_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class UploadLimits:
-    max_image_bytes: int
+    max_image_bytes: int  # the images of a request together
     timeout_s: float  # the whole body
     min_bytes_per_s: int  # on average, once the grace has passed
+    max_images: int = 1
 
 
 class UploadSlots:
@@ -78,9 +87,15 @@ class UploadSlots:
 
 
 @dataclass(frozen=True)
+class UploadedImage:
+    data: bytes
+    caption: str | None = None
+
+
+@dataclass(frozen=True)
 class TaskUpload(Generic[FieldsT]):
     fields: FieldsT
-    image: bytes
+    images: list[UploadedImage]  # as the client sent them, at least one
 
 
 def body_limit(max_image_bytes: int) -> int:
@@ -180,23 +195,30 @@ class _InMemoryMultiPartParser(MultiPartParser):
 
 async def _read_multipart(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
     _reject_query_fields(request)
+    limit = body.limits.max_images
+    # One file part past the limit is parsed, so that too many images are told apart from a malformed body.
     parser = _InMemoryMultiPartParser(
-        request.headers, body.chunks(), max_files=1, max_fields=16, max_part_size=64 * 1024
+        request.headers, body.chunks(), max_files=limit + 1, max_fields=16 + limit, max_part_size=64 * 1024
     )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):  # Starlette's words for a part past max_files
+            raise too_many_images(limit) from None
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc.message}") from None
     try:
-        image: bytes | None = None
+        images: list[bytes] = []
+        captions: list[str] = []
         text_fields: dict[str, str] = {}
         for name, value in form.multi_items():
             if name == IMAGE_FIELD:
                 if not isinstance(value, UploadFile):
                     raise ApiError(422, "invalid_request", "image: must be a file part, not a text field")
-                image = await value.read()
+                images.append(await value.read())
             elif isinstance(value, UploadFile):
                 raise ApiError(422, "invalid_request", f"{name}: only 'image' may be a file")
+            elif name == CAPTION_FIELD:
+                captions.append(value)
             elif name in text_fields:
                 raise ApiError(422, "invalid_request", f"{name}: given more than once")
             else:
@@ -204,9 +226,40 @@ async def _read_multipart(request: Request, fields_model: type[FieldsT], body: _
     finally:
         await form.close()
     fields = _validate_fields(fields_model, text_fields)
-    if image is None:
+    if not images:
         raise ApiError(422, "invalid_request", "image: Field required")
-    return TaskUpload(fields=fields, image=image)
+    if len(images) > limit:
+        raise too_many_images(limit)
+    if captions and len(captions) != len(images):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"caption: one per image, in the images' order ({len(captions)} captions for {len(images)} "
+            "images; an empty caption for an image without one)",
+        )
+    return TaskUpload(
+        fields=fields,
+        images=[
+            UploadedImage(data, _caption(caption))
+            for data, caption in zip(images, captions or [""] * len(images), strict=True)
+        ],
+    )
+
+
+def too_many_images(limit: int) -> ApiError:
+    return ApiError(
+        413, "too_many_images", f"at most {limit} images per request on this server (MEDMO_MAX_IMAGES)"
+    )
+
+
+def _caption(value: object, where: str = "caption") -> str | None:
+    """A caption as given, stripped; empty means none."""
+    if not isinstance(value, str):
+        raise ApiError(422, "invalid_request", f"{where}: must be a string")
+    caption = " ".join(value.split())
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise ApiError(422, "invalid_request", f"{where}: at most {MAX_CAPTION_CHARS} characters")
+    return caption or None
 
 
 async def read_json_object(request: Request, limits: UploadLimits) -> dict[str, Any]:
@@ -230,28 +283,65 @@ async def _read_json(
 ) -> TaskUpload[FieldsT]:
     _reject_query_fields(request)
     document = await read_json_object(request, limits)
-    encoded = document.pop(IMAGE_FIELD, None)
+    single = document.pop(IMAGE_FIELD, None)
+    several = document.pop(IMAGES_FIELD, None)
     # JSON carries typed values: they must be of the field's type, not merely convertible to it.
     fields = _validate_fields(fields_model, document, strict=True)
-    if encoded is None:
-        raise ApiError(422, "invalid_request", "image: Field required")
+    if single is not None and several is not None:
+        raise ApiError(
+            422, "invalid_request", "image, images: give one image in 'image' or several in 'images'"
+        )
+    if single is not None:
+        if not isinstance(single, str):
+            raise ApiError(422, "invalid_request", "image: must be a base64 string or a data URI")
+        return TaskUpload(fields=fields, images=[UploadedImage(decode_base64_image(single))])
+    if several is None:
+        raise ApiError(422, "invalid_request", "image: Field required (or 'images', a list)")
+    if not isinstance(several, list) or not several:
+        raise ApiError(422, "invalid_request", "images: must be a non-empty list")
+    if len(several) > limits.max_images:
+        raise too_many_images(limits.max_images)
+    return TaskUpload(fields=fields, images=[_json_image(item, index) for index, item in enumerate(several)])
+
+
+def _json_image(item: object, index: int) -> UploadedImage:
+    """One entry of `images`: a base64 string, or {"image": base64, "caption": text}."""
+    where = f"images.{index}"
+    if isinstance(item, str):
+        return UploadedImage(decode_base64_image(item, where))
+    if not isinstance(item, dict):
+        raise ApiError(422, "invalid_request", f"{where}: must be a base64 string or an object with 'image'")
+    unknown = sorted(set(item) - {IMAGE_FIELD, CAPTION_FIELD})
+    if unknown:
+        raise ApiError(422, "invalid_request", f"{where}.{unknown[0][:64]}: Extra inputs are not permitted")
+    encoded = item.get(IMAGE_FIELD)
     if not isinstance(encoded, str):
-        raise ApiError(422, "invalid_request", "image: must be a base64 string or a data URI")
-    return TaskUpload(fields=fields, image=decode_base64_image(encoded))
+        raise ApiError(422, "invalid_request", f"{where}.image: must be a base64 string or a data URI")
+    caption = item.get(CAPTION_FIELD)
+    return UploadedImage(
+        decode_base64_image(encoded, f"{where}.image"),
+        None if caption is None else _caption(caption, f"{where}.caption"),
+    )
 
 
 async def _read_dicom(request: Request, fields_model: type[FieldsT], body: _Body) -> TaskUpload[FieldsT]:
     fields: dict[str, str] = {}
     for name, value in request.query_params.multi_items():
+        if name == PICTURE_PARAMETER:
+            continue  # which image a picture answer draws (tasks.py)
         if name in fields:
             raise ApiError(422, "invalid_request", f"{name}: given more than once")
         fields[name] = value
+    caption = fields.pop(CAPTION_FIELD, None)
     validated = _validate_fields(fields_model, fields)
-    return TaskUpload(fields=validated, image=await body.read())
+    return TaskUpload(
+        fields=validated,
+        images=[UploadedImage(await body.read(), None if caption is None else _caption(caption))],
+    )
 
 
 def _reject_query_fields(request: Request) -> None:
-    if request.query_params:
+    if any(name != PICTURE_PARAMETER for name in request.query_params):
         raise ApiError(
             422, "invalid_request", "query parameters carry the fields only with an application/dicom body"
         )
@@ -281,13 +371,13 @@ def _validate_fields(
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
 
 
-def decode_base64_image(value: str) -> bytes:
+def decode_base64_image(value: str, where: str = "image") -> bytes:
     """Plain base64 (standard or URL-safe, padding optional, line breaks allowed) or a base64 data URI."""
     payload = value
     if value.startswith("data:"):
         header, comma, payload = value.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise ApiError(422, "invalid_request", "image: a data URI must be base64-encoded")
+            raise ApiError(422, "invalid_request", f"{where}: a data URI must be base64-encoded")
     payload = "".join(payload.split())
     if not payload:
         raise ApiError(400, "unreadable_image", "the image is empty")
@@ -296,4 +386,4 @@ def decode_base64_image(value: str) -> bytes:
     try:
         return base64.b64decode(payload, altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_request", "image: not valid base64") from None
+        raise ApiError(422, "invalid_request", f"{where}: not valid base64") from None

@@ -8,6 +8,7 @@ displays it (a DICOM windowed as asked), which is also what the model is given b
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib.resources import files
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -18,7 +19,7 @@ from app.api.auth import require_api_key
 from app.api.deps import get_running
 from app.api.negotiation import PNG
 from app.api.openapi import TASK_ERROR_RESPONSES, upload_request_body
-from app.api.pipeline import ImageUpload, decode_upload, image_limits, in_pool, upload_limits
+from app.api.pipeline import ImageUpload, decode_uploads, in_pool, upload_limits
 from app.api.uploads import read_task_upload
 from app.outputs import overlay
 from app.schemas import ImageFields
@@ -56,12 +57,15 @@ async def preview(request: Request) -> Response:
     running = get_running(request)
     settings = running.service.settings
     with running.service.uploads.take():
-        upload = await read_task_upload(request, PreviewFields, upload_limits(settings))
-    image = await decode_upload(
+        upload = await read_task_upload(
+            request, PreviewFields, replace(upload_limits(settings), max_images=1)
+        )
+    (sent,) = upload.images
+    (image,) = await decode_uploads(
         request,
         running.prepare_pool,
-        ImageUpload(upload.image, upload.fields.frame, upload.fields.window),
-        image_limits(settings),
+        [ImageUpload(sent.data, frame=upload.fields.frame, window=upload.fields.window)],
+        settings,
     )
     picture = await in_pool(running.prepare_pool, lambda: overlay.encode(image.picture, PNG))
     return Response(picture, media_type=PNG)

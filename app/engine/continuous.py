@@ -153,6 +153,10 @@ class ContinuousEngine(Gated):
     def running(self) -> int:
         return self.gate.running
 
+    @property
+    def context(self) -> int:
+        return self._runner.context
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()

@@ -56,6 +56,10 @@ class GenerateEngine(Gated):
     def waiting(self) -> int:
         return self.batcher.queued
 
+    @property
+    def context(self) -> None:
+        return None  # generate() grows its cache to whatever a batch needs
+
     async def start(self) -> None:
         await self.batcher.start()
 

@@ -126,6 +126,11 @@ class Engine(Protocol):
         """Submitted and not yet started by the model."""
         ...
 
+    @property
+    def context(self) -> int | None:
+        """Most tokens one request may hold, prompt and answer together; None if the engine sets no bound."""
+        ...
+
     async def start(self) -> None:
         """Start serving; returns once requests are taken (READY), or raises if the engine cannot start."""
         ...

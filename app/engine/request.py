@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -24,7 +24,8 @@ class PreparedRequest:
     """One request as the model takes it: processor output with a batch dimension of one."""
 
     features: Mapping[str, torch.Tensor]
-    model_input_size: tuple[int, int]  # (width, height) of the picture the model actually sees
+    # (width, height) of each picture the model actually sees, in the order it sees them; none for text.
+    model_input_sizes: tuple[tuple[int, int], ...]
     options: GenerationOptions
     # Qwen3-VL's multimodal rope: (3, prompt_tokens) positions for the prompt, and the offset that text
     # positions carry after it (generated token n sits at prompt_tokens + n + rope_delta).
@@ -34,6 +35,14 @@ class PreparedRequest:
     @property
     def prompt_tokens(self) -> int:
         return int(self.features["input_ids"].shape[1])
+
+    @property
+    def model_input_size(self) -> tuple[int, int]:
+        """The size the first (often the only) picture is fed at."""
+        return self.model_input_sizes[0]
+
+    def limited_to(self, max_new_tokens: int) -> PreparedRequest:
+        return replace(self, options=replace(self.options, max_new_tokens=max_new_tokens))
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from PIL import Image
 from qwen_vl_utils import fetch_image, smart_resize
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
+from app.conversation import Conversation
 from app.engine.request import FinishReason, Generation, GenerationOptions, PreparedRequest
 from app.imaging.errors import UnusableImageError
 from app.settings import Settings
@@ -50,14 +51,8 @@ class Runtime(Protocol):
     model: Any  # the transformers model, for engines that drive its forward passes themselves
     eos_token_ids: frozenset[int]
 
-    def messages(self, picture: Image.Image, prompt: str) -> list[dict[str, Any]]: ...
-
-    def conversation(
-        self, turns: Sequence[tuple[str, Sequence[Image.Image | str]]]
-    ) -> list[dict[str, Any]]: ...
-
-    def prepare_conversation(
-        self, conversation: list[dict[str, Any]], options: GenerationOptions
+    def prepare(
+        self, conversation: Conversation, options: GenerationOptions, *, max_pixels: int | None = None
     ) -> PreparedRequest: ...
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
@@ -172,19 +167,21 @@ def collate(features: Sequence[Mapping[str, torch.Tensor]], pad_token_id: int) -
     """Stack single-request processor outputs into one batch, as the processor would for a list.
 
     Per-token tensors (input ids, attention mask, token types) are padded on the left, which generation
-    needs; image tensors are already flat rows of patches with a grid per image, so they concatenate.
+    needs; image tensors are already flat rows of patches with a grid per image, so they concatenate
+    (requests without images add none).
     The processor cannot do this itself: it only pads text it tokenizes in the same call.
     """
     longest = max(int(item["input_ids"].shape[1]) for item in features)
     batch: dict[str, torch.Tensor] = {}
-    for key in features[0]:
-        tensors = [item[key] for item in features]
-        per_token = all(t.shape == item["input_ids"].shape for t, item in zip(tensors, features, strict=True))
-        if per_token:
+    for key in dict.fromkeys(key for item in features for key in item):
+        holding = [item for item in features if key in item]  # text-only requests hold no image tensors
+        if all(item[key].shape == item["input_ids"].shape for item in holding):
             fill = pad_token_id if key == "input_ids" else 0
-            batch[key] = torch.cat([F.pad(t, (longest - t.shape[1], 0), value=fill) for t in tensors])
+            batch[key] = torch.cat(
+                [F.pad(t[key], (longest - t[key].shape[1], 0), value=fill) for t in holding]
+            )
         else:
-            batch[key] = torch.cat(tensors)
+            batch[key] = torch.cat([item[key] for item in holding])
     return batch
 
 
@@ -294,76 +291,74 @@ class ModelRuntime:
             system_prompt=settings.system_prompt,
         )
 
-    def messages(self, picture: Image.Image, prompt: str) -> list[dict[str, Any]]:
-        """The conversation for one request: MedMO's quick-start shape, image first, then the text."""
-        return self.conversation([("user", [picture, prompt])])
-
-    def conversation(self, turns: Sequence[tuple[str, Sequence[Image.Image | str]]]) -> list[dict[str, Any]]:
-        """A chat conversation in transformers' format from (role, parts) turns, parts being pictures and
-        texts in order; MEDMO_SYSTEM_PROMPT goes first unless the turns bring a system message."""
-        conversation: list[dict[str, Any]] = []
-        if self.system_prompt and not any(role == "system" for role, _ in turns):
-            conversation.append({"role": "system", "content": self.system_prompt})
-        for role, parts in turns:
-            content: list[dict[str, Any]] = []
-            for part in parts:
-                if isinstance(part, str):
-                    content.append({"type": "text", "text": part})
-                else:
-                    content.append(
-                        {
-                            "type": "image",
-                            "image": part,
-                            "min_pixels": self.min_pixels,
-                            "max_pixels": self.max_pixels,
-                        }
-                    )
-            conversation.append({"role": role, "content": content})
-        return conversation
-
-    def prepare(self, picture: Image.Image, prompt: str, options: GenerationOptions) -> PreparedRequest:
-        """Resize and tokenize one request. Safe to call from many threads while the model runs."""
-        return self.prepare_conversation(self.messages(picture, prompt), options)
-
-    def prepare_conversation(
-        self, conversation: list[dict[str, Any]], options: GenerationOptions
+    def prepare(
+        self, conversation: Conversation, options: GenerationOptions, *, max_pixels: int | None = None
     ) -> PreparedRequest:
-        """Resize and tokenize a conversation holding exactly one image. Safe to call from many threads."""
-        images = [part for turn in conversation for part in turn["content"] if part["type"] == "image"]
-        if len(images) != 1:
-            raise ValueError(f"a request holds exactly one image, not {len(images)}")
-        # qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only ever
-        # handed a decoded PIL image: given a string it would open local paths and fetch URLs.
-        width, height = images[0]["image"].size
-        side = self.patch_size * self.merge_size
-        if min(smart_resize(height, width, side, self.min_pixels, self.max_pixels)) < side:
-            # qwen-vl-utils would make a side of 0 pixels: an image too elongated for MEDMO_MAX_PIXELS.
-            raise UnusableImageError(
-                f"the image is too elongated for the area the model is fed (MEDMO_MAX_PIXELS={self.max_pixels}): "
-                f"its shorter side would be under {side} pixels"
-            )
-        resized = fetch_image(images[0], image_patch_size=self.patch_size)
+        """Resize and tokenize a conversation of any number of images (none too). Safe to call from many
+        threads while the model runs. `max_pixels` lowers MEDMO_MAX_PIXELS for this request's images, so
+        that several images share the context (`app.engine.request.image_area`)."""
+        largest = self.max_pixels if max_pixels is None else min(self.max_pixels, max_pixels)
+        smallest = min(self.min_pixels, largest)
+        pictures = [self._resized(picture, smallest, largest) for picture in conversation.pictures]
         with self._processor_lock:
             text = self.processor.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True
+                self._messages(conversation), tokenize=False, add_generation_prompt=True
             )
-            features = self.processor(text=[text], images=[resized], return_tensors="pt")
+            features = self.processor(text=[text], images=pictures or None, return_tensors="pt")
         tensors = {key: value for key, value in features.items() if isinstance(value, torch.Tensor)}
+        grids = tensors.get("image_grid_thw")
         # The model's own rope index (it reads only the config), computed here so that no engine spends its
-        # device thread on it.
+        # device thread on it. A text-only prompt has no grid: its positions are plain counts.
         positions, deltas = self.model.model.get_rope_index(
-            tensors["input_ids"],
-            mm_token_type_ids=tensors["mm_token_type_ids"],
-            image_grid_thw=tensors["image_grid_thw"],
+            tensors["input_ids"], mm_token_type_ids=tensors["mm_token_type_ids"], image_grid_thw=grids
         )
-        _, grid_height, grid_width = (int(v) for v in tensors["image_grid_thw"][0])
+        sizes = tuple(
+            (int(width) * self.patch_size, int(height) * self.patch_size)
+            for _, height, width in (grids.tolist() if grids is not None else [])
+        )
         return PreparedRequest(
             features=tensors,
-            model_input_size=(grid_width * self.patch_size, grid_height * self.patch_size),
+            model_input_sizes=sizes,
             options=options,
             rope_positions=positions[:, 0],
             rope_delta=int(deltas.view(-1)[0]),
         )
+
+    def _messages(self, conversation: Conversation) -> list[dict[str, Any]]:
+        """The conversation in transformers' chat format; MEDMO_SYSTEM_PROMPT goes first unless it brings
+        a system turn of its own. Pictures are placeholders here: the processor gets them resized."""
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt and not any(turn.role == "system" for turn in conversation.turns):
+            messages.append({"role": "system", "content": self.system_prompt})
+        for turn in conversation.turns:
+            if turn.role != "user" and all(isinstance(part, str) for part in turn.parts):
+                # System and assistant turns as plain strings, the form every chat template reads.
+                messages.append({"role": turn.role, "content": "".join(str(part) for part in turn.parts)})
+                continue
+            content = [
+                {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"}
+                for part in turn.parts
+            ]
+            messages.append({"role": turn.role, "content": content})
+        return messages
+
+    def _resized(self, picture: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+        """qwen-vl-utils' own resizing (sides to multiples of 32, area within min/max pixels). It is only
+        ever handed a decoded PIL image: given a string it would open local paths and fetch URLs."""
+        width, height = picture.size
+        side = self.patch_size * self.merge_size
+        if min(smart_resize(height, width, side, min_pixels, max_pixels)) < side:
+            # qwen-vl-utils would make a side of 0 pixels: an image too elongated for the area it is fed.
+            raise UnusableImageError(
+                f"the image is too elongated for the area the model is fed ({max_pixels} pixels, "
+                f"MEDMO_MAX_PIXELS={self.max_pixels}): its shorter side would be under {side} pixels"
+            )
+        resized = fetch_image(
+            {"image": picture, "min_pixels": min_pixels, "max_pixels": max_pixels},
+            image_patch_size=self.patch_size,
+        )
+        assert isinstance(resized, Image.Image)
+        return resized
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated tokens, as MedMO's quick start decodes them (special tokens skipped). Called on the

@@ -296,10 +296,14 @@ class SlotRunner:
         device = self.device
         input_ids = torch.cat([f["input_ids"] for f in features], dim=1).to(device)
         positions = torch.cat([request.rope_positions for _, request in entries], dim=1)
+        # Every image of every request, in the order their tokens come; text-only requests bring none.
+        pictured = [f for f in features if "pixel_values" in f]
         hidden = self.model.model(
             input_ids=input_ids,
-            pixel_values=torch.cat([f["pixel_values"] for f in features]).to(device),
-            image_grid_thw=torch.cat([f["image_grid_thw"] for f in features]).to(device),
+            pixel_values=torch.cat([f["pixel_values"] for f in pictured]).to(device) if pictured else None,
+            image_grid_thw=torch.cat([f["image_grid_thw"] for f in pictured]).to(device)
+            if pictured
+            else None,
             position_ids=positions.unsqueeze(1).to(device),
             use_cache=False,
             medmo_slots=PrefillSlots(self.cache, segments),

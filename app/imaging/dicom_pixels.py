@@ -32,7 +32,12 @@ from pydicom.uid import (
 
 from app.imaging.bounds import Cancellation
 from app.imaging.dicom_file import PIXEL_DATA_KEYWORDS
-from app.imaging.errors import ImageTooLargeError, UnreadableImageError, UnsupportedImageError
+from app.imaging.errors import (
+    ImageTooLargeError,
+    TooManyPixelsError,
+    UnreadableImageError,
+    UnsupportedImageError,
+)
 from app.imaging.fence import reading_client_bytes
 
 # The largest ordinary sample layout, 16-bit RGB: a frame may decode to this many bytes per pixel of the
@@ -72,8 +77,9 @@ def read_layout(dataset: Dataset, *, max_pixels: int, max_frames: int) -> PixelL
             f"the object declares {layout.frames} frames, more than the limit of {max_frames}"
         )
     if layout.rows * layout.columns > max_pixels:
-        raise ImageTooLargeError(
-            f"the image is {layout.columns}x{layout.rows} pixels, more than the limit of {max_pixels} pixels"
+        raise TooManyPixelsError(
+            f"the image is {layout.columns}x{layout.rows} pixels, more than the limit of {max_pixels} pixels",
+            layout.columns * layout.rows,
         )
     if layout.samples not in (1, 3):
         raise UnsupportedImageError(f"images with {layout.samples} samples per pixel are not supported")

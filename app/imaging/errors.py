@@ -17,6 +17,14 @@ class ImageTooLargeError(ImageError):
     """The file or its decoded pixels exceed the configured limits (decompression bombs end here)."""
 
 
+class TooManyPixelsError(ImageTooLargeError):
+    """The decoded picture would hold more pixels than allowed (`pixels` says how many)."""
+
+    def __init__(self, message: str, pixels: int) -> None:
+        super().__init__(message)
+        self.pixels = pixels
+
+
 class UnusableImageError(ImageError):
     """The image decodes but cannot be fed to the model (too small, extreme aspect ratio, bad frame...)."""
 

@@ -8,7 +8,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.imaging.bounds import Cancellation
-from app.imaging.errors import ImageTooLargeError, UnreadableImageError, UnsupportedImageError
+from app.imaging.errors import (
+    TooManyPixelsError,
+    UnreadableImageError,
+    UnsupportedImageError,
+)
 from app.imaging.fence import reading_client_bytes
 
 # MPO is the multi-picture JPEG that phones and some cameras write; its first picture is a plain JPEG.
@@ -42,8 +46,9 @@ def decode_raster(data: bytes, *, max_pixels: int, cancellation: Cancellation) -
         )
     width, height = picture.size
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"the image is {width}x{height} pixels, more than the limit of {max_pixels} pixels"
+        raise TooManyPixelsError(
+            f"the image is {width}x{height} pixels, more than the limit of {max_pixels} pixels",
+            width * height,
         )
     cancellation.check()
     with reading_client_bytes(f"the {file_format} image data is corrupt or truncated"):

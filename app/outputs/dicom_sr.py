@@ -16,8 +16,10 @@ Report (TID 2000):
       CONTAINS CONTAINER  Impressions (121072, DCM)
         CONTAINS TEXT  Impression (121073, DCM)         /report, when the model wrote one
 
-What a source must have for a report to be anchored to it is checked before the model runs
-(check_report_source), and refused with the missing attributes named:
+A report may be about several images: it is filed in the first one's study, and references every image
+(those of another study, a prior's, as other evidence); each region names its own image. What a source
+must have for a report to be anchored to it is checked before the model runs (check_report_sources), and
+refused with the missing attributes named:
 
 - Study Instance UID: the report is filed in the source's study; without it, it would belong nowhere.
 - Series and SOP Instance UIDs and a SOP Class UID that names a standard storage class: the report
@@ -26,6 +28,7 @@ What a source must have for a report to be anchored to it is checked before the 
   one the report would belong to no patient.
 - nothing else highdicom refuses to copy (a character set DICOM does not define): an empty report is
   built as a trial, since highdicom's checks are many and not public one by one.
+- with several images, one patient (Patient ID and its issuer): a report is about one patient.
 
 What may be filled: the Patient and Study attributes that DICOM makes Type 2 (Patient ID, Patient's
 Name, Birth Date and Sex, Accession Number, Study ID, Date and Time, Referring Physician) are written
@@ -73,6 +76,28 @@ class ReportSourceError(ValueError):
     """The source lacks what a Structured Report must be anchored to. The message names what is missing."""
 
 
+def check_report_sources(sources: Sequence[DicomSource]) -> None:
+    """Refuse sources that one Structured Report cannot be anchored to, before any inference is spent: each
+    must do alone, and all must be one patient's (the report is filed in the first one's study, and
+    references the others, a prior study's included)."""
+    for source in sources:
+        check_report_source(source)
+    patients = {_patient(source.header) for source in sources}
+    if len(patients) > 1:
+        raise ReportSourceError(
+            "the images belong to different patients (Patient ID, Issuer of Patient ID): one report cannot "
+            "be about them all"
+        )
+    if len(sources) > 1:
+        _trial(lambda: _document(sources, _TRIAL_AUTHOR, [], "trial"), "a DICOM Structured Report")
+
+
+def _patient(header: Dataset) -> tuple[str, str]:
+    return str(header.get("PatientID", "") or "").strip(), str(
+        header.get("IssuerOfPatientID", "") or ""
+    ).strip()
+
+
 def check_report_source(source: DicomSource) -> None:
     """Refuse a source that a Structured Report cannot be anchored to, before any inference is spent."""
     header = source.header
@@ -92,15 +117,20 @@ def check_report_source(source: DicomSource) -> None:
         )
     # Whatever else highdicom would refuse in the header (a character set DICOM does not define, say)
     # is found by building an empty report now, a few milliseconds, rather than a full one after the model.
+    _trial(lambda: _document([source], _TRIAL_AUTHOR, [], "trial"), "a DICOM Structured Report")
+
+
+def _trial(build: Callable[[], object], what: str) -> None:
+    """Build an empty object to find what highdicom would refuse in the sources' headers."""
     try:
-        _document(source, _TRIAL_AUTHOR, [], "trial")
+        build()
     except Exception as exc:
         if raised_by_this_service(exc):
             raise
         # highdicom's message may quote the value it refused: patient data, so it is not passed on.
         raise ReportSourceError(
-            "a DICOM Structured Report cannot be built from this source: its header holds a value DICOM "
-            "does not allow there (the Specific Character Set, or a UID)"
+            f"{what} cannot be built from this source: its header holds a value DICOM does not allow there "
+            "(the Specific Character Set, or a UID)"
         ) from exc
 
 
@@ -168,13 +198,16 @@ def _region(source: DicomSource, corners: tuple[float, float, float, float]) -> 
 
 
 def structured_report(
-    source: DicomSource, author: Author, items: Sequence[hd.sr.ContentItem], title: str
+    sources: Sequence[DicomSource], author: Author, items: Sequence[hd.sr.ContentItem], title: str
 ) -> bytes:
-    """A Comprehensive SR holding `items`, in the source's patient and study, as a DICOM Part 10 file."""
-    return _document(source, author, items, title)
+    """A Comprehensive SR holding `items`, in the first source's patient and study, referencing every
+    source as evidence (those of another study, a prior's, as other evidence), as a DICOM Part 10 file."""
+    return _document(sources, author, items, title)
 
 
-def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.ContentItem], task: str) -> bytes:
+def _document(
+    sources: Sequence[DicomSource], author: Author, items: Sequence[hd.sr.ContentItem], task: str
+) -> bytes:
     root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -187,8 +220,10 @@ def _document(source: DicomSource, author: Author, items: Sequence[hd.sr.Content
         ),
     )
     root.ContentSequence = hd.sr.ContentSequence([*observer, *items])
+    # Each instance once, though several frames of it may have been sent.
+    headers = {source.sop_instance_uid: source.header for source in sources}
     document = hd.sr.ComprehensiveSR(
-        evidence=[anchored_header(source.header)],
+        evidence=[anchored_header(header) for header in headers.values()],
         content=root,
         series_instance_uid=hd.UID(),
         series_number=SERIES_NUMBER,

@@ -30,10 +30,11 @@ UNLABELLED = "finding"
 
 @dataclass(frozen=True)
 class Annotation:
-    """A box in the picture's pixels, (x_min, y_min, x_max, y_max), and what the model called it."""
+    """A box in its picture's pixels, (x_min, y_min, x_max, y_max), and what the model called it."""
 
     label: str | None
     corners: tuple[float, float, float, float]
+    image: int = 0  # which of the request's images (as sent) it is on
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """What a task is: everything about one way of asking MedMO, declared in one place.
 
-A task names its route, its request fields and response model, the prompt MedMO was trained with, the
-parser for what MedMO writes back, its default token limit (the setting MEDMO_<NAME>_MAX_NEW_TOKENS is made
-from it), and what its answer says in a DICOM Structured Report. Routes, the OpenAPI schema, /info, the
-settings and the report writer read these declarations; a new task is one new module and a line in
-`app/tasks/__init__.py`.
+A task names its route, its request fields and response model, the prompt MedMO was trained with, how a
+request's images are put to the model (one query showing them all, by default), the parser for what MedMO
+writes back, its default token limit (the setting MEDMO_<NAME>_MAX_NEW_TOKENS is made from it), and what
+its answer says in a DICOM Structured Report. Routes, the OpenAPI schema, /info, the settings and the report
+writer read these declarations; a new task is one new module and a line in `app/tasks/__init__.py`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import highdicom as hd
 
+from app.conversation import Captioned, Conversation, Query
 from app.imaging import DicomSource
 from app.outputs.overlay import Annotation
 from app.schemas import BoxConvention, TaskFields, TaskResponse
@@ -26,11 +27,16 @@ ParsedT = TypeVar("ParsedT")
 
 @dataclass(frozen=True)
 class Reading:
-    """What reading an answer needs besides its text: how boxes are written, and the two image sizes."""
+    """What reading one query's answer needs besides its text: how boxes are written, and the image the
+    query shows first (for grounding, the only one): its index in the request, the two sizes, its DICOM
+    identity."""
 
     box_convention: BoxConvention
     model_input_size: tuple[int, int]  # (width, height) of the picture the model saw
     image_size: tuple[int, int]  # (width, height) of the upload, as displayed
+    image_index: int = 0  # in the request, as sent
+    sop_instance_uid: str | None = None
+    frame: int | None = None
 
 
 class Task(ABC, Generic[FieldsT, ParsedT]):
@@ -43,23 +49,43 @@ class Task(ABC, Generic[FieldsT, ParsedT]):
     draws: ClassVar[bool] = False  # whether `annotations` gives boxes: a picture, a presentation state
 
     @abstractmethod
-    def prompt(self, fields: FieldsT, box_convention: BoxConvention) -> str:
-        """The text MedMO is given after the image."""
+    def prompt(self, fields: FieldsT, box_convention: BoxConvention, images: int = 1) -> str:
+        """The text MedMO is given after the `images` images."""
+
+    def queries(
+        self,
+        fields: FieldsT,
+        images: Sequence[Captioned],
+        order: Sequence[int],
+        box_convention: BoxConvention,
+    ) -> list[Query]:
+        """What the model is asked about `images` (as sent), shown in `order`: by default one query showing
+        them all, each after its label, then the prompt."""
+        shown = [images[index] for index in order]
+        prompt = self.prompt(fields, box_convention, len(shown))
+        return [Query(Conversation.asking(shown, prompt), tuple(order))]
 
     @abstractmethod
     def parse(self, text: str, reading: Reading) -> ParsedT:
-        """What the model wrote, read for this task. Never raises: model output is messy."""
+        """What the model wrote for one query, read for this task. Never raises: model output is messy."""
+
+    def combine(self, parsed: Sequence[ParsedT]) -> ParsedT:
+        """One answer from every query's, in the order of the queries; a task of one query has one."""
+        (only,) = parsed
+        return only
 
     @abstractmethod
-    def answer(self, parsed: ParsedT, text: str, reading: Reading) -> dict[str, Any]:
-        """The task's own fields of the response, beside the envelope every task shares."""
+    def answer(self, parsed: ParsedT, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
+        """The task's own fields of the response, beside the envelope every task shares; `texts` are what
+        the model wrote for each query."""
 
     @abstractmethod
     def report_content(
-        self, fields: FieldsT, parsed: ParsedT, source: DicomSource
+        self, fields: FieldsT, parsed: ParsedT, sources: Sequence[DicomSource]
     ) -> Sequence[hd.sr.ContentItem]:
-        """The answer as Structured Report content (`app/outputs/dicom_sr.py` has the building blocks)."""
+        """The answer as Structured Report content about `sources` (the request's images, as sent), built
+        from `app/outputs/dicom_sr.py`'s blocks."""
 
     def annotations(self, parsed: ParsedT) -> Sequence[Annotation] | None:
-        """Boxes to draw on the image (a picture, a presentation state); tasks that draw set `draws`."""
+        """Boxes to draw on the images (a picture, a presentation state); tasks that draw set `draws`."""
         return None

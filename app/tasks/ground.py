@@ -3,6 +3,11 @@
 Coordinates are mapped back through the size of the picture the model actually saw (the processor's
 resize of the upload), not the upload's size: MedMO writes absolute pixels of its input image. Base
 Qwen3-VL writes a 0-1000 relative scale instead; which one applies is a setting, reported in every response.
+
+MedMO was trained to ground on one image, and has no documented way of saying which of several images a box
+is on. A request of several images is therefore grounded one image per query, each query told what the
+others are (their captions) when the client captioned them; the engine runs the queries side by side, and
+each finding names the image its query showed, so a box is never placed on another image.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import highdicom as hd
 from pydantic import BaseModel, Field
 from pydicom.sr.codedict import codes
 
+from app.conversation import Captioned, Conversation, Query, image_label
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import boxed_finding, container_item
 from app.outputs.overlay import Annotation
@@ -52,12 +58,22 @@ class GroundedFinding(BaseModel):
     label: str | None = Field(
         description="What the model says is there; null if it gave no name.", examples=["Fractures"]
     )
+    image_index: int = Field(
+        description="The image the box is on: its index in the request as sent (images[].index), 0 for the first.",
+        examples=[0],
+    )
+    sop_instance_uid: str | None = Field(
+        description="That image's SOP Instance UID when it is DICOM; null otherwise.", examples=[None]
+    )
+    frame: int | None = Field(
+        description="That image's frame (1 for the first) when it is DICOM; null otherwise.", examples=[None]
+    )
     box: Box = Field(
-        description="Corners as fractions, 0 to 1, of the uploaded image's width and height.",
+        description="Corners as fractions, 0 to 1, of its image's width and height.",
         examples=[{"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759}],
     )
     box_px: Box = Field(
-        description="The same corners in the uploaded image's pixels.",
+        description="The same corners in its image's pixels, as displayed.",
         examples=[{"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0}],
     )
 
@@ -65,11 +81,15 @@ class GroundedFinding(BaseModel):
 class GroundResponse(TaskResponse):
     task: Literal["ground"] = Field("ground", description="The task that answered.", examples=["ground"])
     findings: list[GroundedFinding] = Field(
-        description="Every box the model drew, in the order it wrote them.",
+        description="Every box the model drew, image by image (in the order sent), each image's in the order "
+        "the model wrote them.",
         examples=[
             [
                 {
                     "label": "Fractures",
+                    "image_index": 0,
+                    "sop_instance_uid": None,
+                    "frame": None,
                     "box": {"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759},
                     "box_px": {"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0},
                 }
@@ -82,9 +102,23 @@ class GroundResponse(TaskResponse):
         examples=["pixel"],
     )
     raw_text: str = Field(
-        description="The model's output exactly as written.",
+        description="The model's output exactly as written; with several images, what it wrote for each, in "
+        "the order they were shown (images[].shown_as), separated by a blank line.",
         examples=["Fractures <box>[[156, 516, 231, 607]]</box>"],
     )
+    dropped_boxes: int = Field(
+        description="Boxes the model wrote that could not be placed on their image (no area inside it, or not "
+        "numbers) and are left out of findings.",
+        examples=[0],
+    )
+
+
+@dataclass(frozen=True)
+class Grounded:
+    """The findings read from what the model wrote, and how many boxes could not be placed."""
+
+    findings: list[GroundedFinding]
+    dropped: int = 0
 
 
 def ground_prompt(fields: GroundFields, convention: BoxConvention) -> str:
@@ -253,10 +287,15 @@ def parse_findings(
     image_size: tuple[int, int],
 ) -> list[GroundedFinding]:
     """The model's boxes as fractions of the upload and in its pixels. Drops what cannot be a box."""
-    width, height = image_size
+    return place_boxes(extract_boxes(text), Reading(convention, model_input_size, image_size))
+
+
+def place_boxes(boxes: Sequence[RawBox], reading: Reading) -> list[GroundedFinding]:
+    """Boxes on the image `reading` describes; those that cannot be placed there are left out."""
+    width, height = reading.image_size
     findings = []
-    for raw in extract_boxes(text):
-        box = normalize_box(raw.coords, convention, model_input_size)
+    for raw in boxes:
+        box = normalize_box(raw.coords, reading.box_convention, reading.model_input_size)
         if box is None:
             continue
         in_pixels = Box(
@@ -265,15 +304,38 @@ def parse_findings(
             x_max=box.x_max * width,
             y_max=box.y_max * height,
         )
-        findings.append(GroundedFinding(label=raw.label, box=box, box_px=in_pixels))
+        findings.append(
+            GroundedFinding(
+                label=raw.label,
+                image_index=reading.image_index,
+                sop_instance_uid=reading.sop_instance_uid,
+                frame=reading.frame,
+                box=box,
+                box_px=in_pixels,
+            )
+        )
     return findings
+
+
+def study_context(images: Sequence[Captioned], order: Sequence[int], index: int) -> str | None:
+    """What a query grounding one of several images is told about the others: their captions. None when
+    the client captioned none of them: the query is then exactly the single-image one."""
+    if not any(image.caption for image in images):
+        return None
+    numbered = {image: number for number, image in enumerate(order, start=1)}
+
+    def named(image: int) -> str:
+        return image_label(numbered[image], len(order), images[image].caption).lower()
+
+    others = ", ".join(named(other) for other in order if other != index)
+    return f"This is {named(index)} of the {len(order)} images of the study; the others are {others}.\n"
 
 
 def _clamp(value: float) -> float:
     return min(1.0, max(0.0, value))
 
 
-class Grounding(Task[GroundFields, list[GroundedFinding]]):
+class Grounding(Task[GroundFields, Grounded]):
     name = "ground"
     summary = "Find and box abnormalities (or a named target) in an image"
     fields = GroundFields
@@ -282,35 +344,71 @@ class Grounding(Task[GroundFields, list[GroundedFinding]]):
     report_title = "grounding"
     draws = True
 
-    def prompt(self, fields: GroundFields, box_convention: BoxConvention) -> str:
+    def prompt(self, fields: GroundFields, box_convention: BoxConvention, images: int = 1) -> str:
         return ground_prompt(fields, box_convention)
 
-    def parse(self, text: str, reading: Reading) -> list[GroundedFinding]:
-        return parse_findings(text, reading.box_convention, reading.model_input_size, reading.image_size)
+    def queries(
+        self,
+        fields: GroundFields,
+        images: Sequence[Captioned],
+        order: Sequence[int],
+        box_convention: BoxConvention,
+    ) -> list[Query]:
+        """One query per image (see the module's note), in the order they are shown."""
+        if len(order) == 1:
+            return super().queries(fields, images, order, box_convention)
+        prompt = self.prompt(fields, box_convention)
+        return [
+            Query(
+                Conversation.asking(
+                    [Captioned(images[index].picture)], prompt, context=study_context(images, order, index)
+                ),
+                (index,),
+            )
+            for index in order
+        ]
 
-    def answer(self, parsed: list[GroundedFinding], text: str, reading: Reading) -> dict[str, Any]:
-        return {"findings": parsed, "box_convention": reading.box_convention, "raw_text": text}
+    def parse(self, text: str, reading: Reading) -> Grounded:
+        boxes = extract_boxes(text)
+        findings = place_boxes(boxes, reading)
+        return Grounded(findings, dropped=len(boxes) - len(findings))
+
+    def combine(self, parsed: Sequence[Grounded]) -> Grounded:
+        findings = [finding for grounded in parsed for finding in grounded.findings]
+        return Grounded(
+            sorted(findings, key=lambda finding: finding.image_index),  # stable: each image's in its order
+            dropped=sum(grounded.dropped for grounded in parsed),
+        )
+
+    def answer(self, parsed: Grounded, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
+        return {
+            "findings": parsed.findings,
+            "box_convention": box_convention,
+            "raw_text": "\n\n".join(texts),
+            "dropped_boxes": parsed.dropped,
+        }
 
     def report_content(
-        self, fields: GroundFields, parsed: list[GroundedFinding], source: DicomSource
+        self, fields: GroundFields, parsed: Grounded, sources: Sequence[DicomSource]
     ) -> Sequence[hd.sr.ContentItem]:
         entries = [
             boxed_finding(
-                source,
+                sources[finding.image_index],
                 finding.label or fields.target or UNLABELLED,
                 (finding.box_px.x_min, finding.box_px.y_min, finding.box_px.x_max, finding.box_px.y_max),
             )
-            for finding in parsed
+            for finding in parsed.findings
         ]
         return [container_item(codes.DCM.Findings, entries)]
 
-    def annotations(self, parsed: list[GroundedFinding]) -> Sequence[Annotation]:
+    def annotations(self, parsed: Grounded) -> Sequence[Annotation]:
         return [
             Annotation(
                 finding.label,
                 (finding.box_px.x_min, finding.box_px.y_min, finding.box_px.x_max, finding.box_px.y_max),
+                image=finding.image_index,
             )
-            for finding in parsed
+            for finding in parsed.findings
         ]
 
 

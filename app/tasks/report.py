@@ -67,8 +67,9 @@ class ReportResponse(TaskResponse):
     )
 
 
-def report_prompt(fields: ReportFields) -> str:
+def report_prompt(fields: ReportFields, images: int = 1) -> str:
     subject = f"{fields.modality} image" if fields.modality else "medical image"
+    subject += "s" if images > 1 else ""
     prompt = f"Generate a detailed radiology report based on the given {subject}."
     if fields.indication:
         prompt += f"\nClinical indication: {fields.indication}"
@@ -108,17 +109,17 @@ class RadiologyReport(Task[ReportFields, Report]):
     default_max_new_tokens = 1024
     report_title = "report"
 
-    def prompt(self, fields: ReportFields, box_convention: BoxConvention) -> str:
-        return report_prompt(fields)
+    def prompt(self, fields: ReportFields, box_convention: BoxConvention, images: int = 1) -> str:
+        return report_prompt(fields, images)
 
     def parse(self, text: str, reading: Reading) -> Report:
         return parse_report(text)
 
-    def answer(self, parsed: Report, text: str, reading: Reading) -> dict[str, Any]:
+    def answer(self, parsed: Report, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
         return {"report": parsed}
 
     def report_content(
-        self, fields: ReportFields, parsed: Report, source: DicomSource
+        self, fields: ReportFields, parsed: Report, sources: Sequence[DicomSource]
     ) -> Sequence[hd.sr.ContentItem]:
         items: list[hd.sr.ContentItem] = []
         if fields.indication:

@@ -20,7 +20,7 @@ class VqaFields(TaskFields):
     question: str = Field(
         min_length=1,
         max_length=4000,
-        description="The clinical question about the image.",
+        description="The clinical question about the image (or images).",
         examples=["Is there a pleural effusion?"],
     )
 
@@ -38,17 +38,17 @@ class Vqa(Task[VqaFields, str]):
     default_max_new_tokens = 256
     report_title = "VQA"
 
-    def prompt(self, fields: VqaFields, box_convention: BoxConvention) -> str:
+    def prompt(self, fields: VqaFields, box_convention: BoxConvention, images: int = 1) -> str:
         return fields.question
 
     def parse(self, text: str, reading: Reading) -> str:
         return strip_wrappers(text)
 
-    def answer(self, parsed: str, text: str, reading: Reading) -> dict[str, Any]:
+    def answer(self, parsed: str, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
         return {"answer": parsed}
 
     def report_content(
-        self, fields: VqaFields, parsed: str, source: DicomSource
+        self, fields: VqaFields, parsed: str, sources: Sequence[DicomSource]
     ) -> Sequence[hd.sr.ContentItem]:
         return [
             text_item(codes.DCM.Request, fields.question),

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import app.api.pipeline
 from app.api.deps import Service
+from app.conversation import Conversation
 from app.engine import continuous_engine, generate_engine
 from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
@@ -276,7 +277,9 @@ async def test_a_failing_request_fails_alone(
     model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
 ) -> None:
     sizes = [
-        model_runtime.prepare(decode_image(png_bytes(64 + 16 * n, 64, seed=n), LIMITS).picture, "q", OPTIONS)
+        model_runtime.prepare(
+            Conversation.about(decode_image(png_bytes(64 + 16 * n, 64, seed=n), LIMITS).picture, "q"), OPTIONS
+        )
         for n in range(4)
     ]
     poisoned_size = sizes[2].model_input_size

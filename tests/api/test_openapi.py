@@ -40,7 +40,8 @@ def test_every_field_of_every_model_has_an_example(schema: dict[str, Any]) -> No
         f"{name}.{field}"
         for name, model in schema["components"]["schemas"].items()
         for field, definition in model.get("properties", {}).items()
-        if "examples" not in definition and definition.get("format") != "binary"
+        if "examples" not in definition
+        and "binary" not in (definition.get("format"), definition.get("items", {}).get("format"))
     ]
     assert missing == []
 
@@ -92,7 +93,10 @@ def test_servers_are_relative_and_tags_declared_and_described(schema: dict[str, 
 def test_uploads_are_binary_for_either_generation_of_generators(schema: dict[str, Any]) -> None:
     for path in TASKS:
         body = schema["paths"][path]["post"]["requestBody"]["content"]
-        upload = component(schema, body["multipart/form-data"]["schema"])["properties"]["image"]
+        # One part named image per image, as OpenAPI describes repeated parts: an array.
+        uploads = component(schema, body["multipart/form-data"]["schema"])["properties"]["image"]
+        assert uploads["type"] == "array"
+        upload = uploads["items"]
         # OpenAPI 3.1 marks raw bytes with contentMediaType (TypeScript generators); 3.0 with format
         # binary (openapi-python-client).
         assert (upload["type"], upload["format"], upload["contentMediaType"]) == (
@@ -100,10 +104,11 @@ def test_uploads_are_binary_for_either_generation_of_generators(schema: dict[str
             "binary",
             "application/octet-stream",
         )
-        encoded = component(schema, body["application/json"]["schema"])["properties"]["image"]
-        assert encoded["contentEncoding"] == "base64"
-        assert "contentMediaType" not in encoded
-        assert "format" not in encoded
+        as_json = component(schema, body["application/json"]["schema"])["properties"]
+        for encoded in (as_json["image"], as_json["images"]["items"]["anyOf"][0]):
+            assert encoded["contentEncoding"] == "base64"
+            assert "contentMediaType" not in encoded
+            assert "format" not in encoded
         assert body["application/dicom"]["schema"]["contentMediaType"] == "application/dicom"
 
 

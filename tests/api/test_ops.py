@@ -46,6 +46,6 @@ def test_openapi_declares_both_request_encodings_and_typed_responses(random_clie
                 "/ErrorResponse"
             )
     upload = schema["components"]["schemas"]["GroundUpload"]
-    assert upload["properties"]["image"]["format"] == "binary"
+    assert upload["properties"]["image"]["items"]["format"] == "binary"
     assert upload["required"] == ["image"]
     assert "target" in upload["properties"]

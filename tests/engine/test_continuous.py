@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from app.conversation import Captioned, Conversation, Turn
 from app.engine.continuous import ContinuousEngine, _next_event
 from app.engine.protocol import (
     BatchFailedError,
@@ -67,7 +68,9 @@ def runtime(request: pytest.FixtureRequest, random_checkpoint: Path) -> ModelRun
 def prepare(runtime: ModelRuntime, index: int, max_new_tokens: int) -> PreparedRequest:
     width, height = SIZES[index % len(SIZES)]
     picture = rgb_image(width, height, seed=index)
-    return runtime.prepare(picture, PROMPTS[index % len(PROMPTS)], GenerationOptions(max_new_tokens))
+    return runtime.prepare(
+        Conversation.about(picture, PROMPTS[index % len(PROMPTS)]), GenerationOptions(max_new_tokens)
+    )
 
 
 @asynccontextmanager
@@ -116,6 +119,70 @@ async def test_tokens_equal_generate_alone_while_requests_join_and_leave(runtime
     assert any(0 < now < before for before, now in zip(runner.decodes, runner.decodes[1:], strict=False))
     # ... and some waited for a slot: more requests than slots were in flight.
     assert max(len(slots) + min(slots) for slots in runner.prefill_slots) == 3
+
+
+CAPTIONS = ["frontal", "lateral", "prior, 2025-03-02", "slice 41 of 80", None, "axial"]
+
+
+def study(runtime: ModelRuntime, images: int, seed: int, max_new_tokens: int) -> PreparedRequest:
+    """A request of several captioned images of different sizes (and one left uncaptioned in six)."""
+    pictures = [
+        Captioned(
+            rgb_image(*SIZES[(seed + n) % len(SIZES)], seed=100 * seed + n), CAPTIONS[n % len(CAPTIONS)]
+        )
+        for n in range(images)
+    ]
+    conversation = Conversation.asking(pictures, PROMPTS[seed % len(PROMPTS)])
+    return runtime.prepare(conversation, GenerationOptions(max_new_tokens))
+
+
+def text_only(runtime: ModelRuntime, seed: int, max_new_tokens: int, *, turns: int = 1) -> PreparedRequest:
+    """A conversation without images: a system message, then `turns` user turns with answers between."""
+    parts = [Turn("system", ("You are a medical imaging expert.",))]
+    for turn in range(turns):
+        if turn:
+            parts.append(Turn("assistant", ("No acute cardiopulmonary process.",)))
+        parts.append(Turn("user", (f"Summarize this report: {PROMPTS[(seed + turn) % len(PROMPTS)]}",)))
+    return runtime.prepare(Conversation(tuple(parts)), GenerationOptions(max_new_tokens))
+
+
+async def test_studies_and_text_alone_equal_generate_alone_and_mixed_with_single_images(
+    runtime: ModelRuntime,
+) -> None:
+    requests = [
+        study(runtime, 2, 0, 12),
+        prepare(runtime, 1, 9),
+        study(runtime, 3, 1, 20),
+        text_only(runtime, 2, 15),
+        study(runtime, 6, 3, 7),
+        prepare(runtime, 4, 25),
+        text_only(runtime, 5, 10, turns=2),
+    ]
+    assert [len(r.model_input_sizes) for r in requests] == [2, 1, 3, 0, 6, 1, 0]
+    assert len({size for r in requests for size in r.model_input_sizes}) > 3  # images of different sizes
+    alone = [runtime.generate([request])[0] for request in requests]
+    async with running(runtime, slots=5, context=4096) as (engine, runner):
+        # Each alone through the engine ...
+        for request, expected in zip(requests, alone, strict=True):
+            assert (await run(engine, request)).generation == expected
+        # ... and all together, arriving while a short request holds the scheduler in its prefill: the
+        # first four packed in the next prefill, the rest joining the running batch as slots free.
+        runner.gate.clear()
+        runner.inside.clear()
+        blocker = asyncio.create_task(run(engine, prepare(runtime, 6, 3)))
+        await asyncio.to_thread(runner.inside.wait, 10)
+        runner.prefills.clear()
+        runner.decodes.clear()
+        tasks = [asyncio.create_task(run(engine, request)) for request in requests]
+        await wait_until(lambda: engine.waiting == len(requests))
+        runner.gate.set()
+        results = await asyncio.gather(*tasks)
+        await blocker
+    assert [r.generation for r in results] == alone
+    kinds = [[len(r.model_input_sizes) for r in group] for group in runner.prefills]
+    assert kinds[1] == [2, 1, 3, 0]  # multi-image, single-image and text-only prompts in one forward
+    assert sorted(n for group in kinds[2:] for n in group) == [0, 1, 6]  # the others joined later
+    assert max(runner.decodes) == 5
 
 
 async def test_an_end_of_turn_token_ends_the_request_as_generate_does(

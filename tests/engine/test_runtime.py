@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from PIL import Image
 from qwen_vl_utils import process_vision_info
 from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
+from app.conversation import Captioned, Conversation, Turn
 from app.engine.request import GenerationOptions
 from app.engine.runtime import ModelLoadError, ModelRuntime, collate
 from app.imaging.errors import UnusableImageError
@@ -32,15 +34,23 @@ def runtime(random_checkpoint: Path) -> ModelRuntime:
 
 def reference_quick_start(checkpoint: Path, picture: Image.Image, prompt: str, runtime: ModelRuntime) -> str:
     """MedMO's README quick start, with process_vision_info(image_patch_size=16) as Qwen3-VL asks."""
-    model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    image = {
+    return quick_start(checkpoint, [image_part(picture, runtime), {"type": "text", "text": prompt}])
+
+
+def image_part(picture: Image.Image, runtime: ModelRuntime) -> dict[str, Any]:
+    return {
         "type": "image",
         "image": picture,
         "min_pixels": runtime.min_pixels,
         "max_pixels": runtime.max_pixels,
     }
-    messages = [{"role": "user", "content": [image, {"type": "text", "text": prompt}]}]
+
+
+def quick_start(checkpoint: Path, content: list[dict[str, Any]]) -> str:
+    """The quick start's pipeline for a user turn of any content: the processor over all its images."""
+    model = Qwen3VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    messages = [{"role": "user", "content": content}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     image_inputs, video_inputs = process_vision_info(messages, image_patch_size=16)
     inputs = processor(
@@ -61,7 +71,7 @@ def test_loads_with_from_pretrained_on_the_cpu_in_float32(runtime: ModelRuntime)
 def test_a_batch_returns_exactly_what_each_request_returns_alone_and_what_the_quick_start_returns(
     runtime: ModelRuntime, random_checkpoint: Path
 ) -> None:
-    prepared = [runtime.prepare(picture, prompt, OPTIONS) for picture, prompt in REQUESTS]
+    prepared = [runtime.prepare(Conversation.about(picture, prompt), OPTIONS) for picture, prompt in REQUESTS]
     together = runtime.generate(prepared)
     alone = [runtime.generate([item])[0] for item in prepared]
     assert together == alone
@@ -70,10 +80,58 @@ def test_a_batch_returns_exactly_what_each_request_returns_alone_and_what_the_qu
         assert result.text == reference_quick_start(random_checkpoint, picture, prompt, runtime)
 
 
+def test_several_captioned_images_are_prepared_as_the_quick_start_prepares_them(
+    runtime: ModelRuntime, random_checkpoint: Path
+) -> None:
+    pictures = [rgb_image(96, 64, seed=1), rgb_image(200, 120, seed=2), rgb_image(64, 160, seed=3)]
+    conversation = Conversation.asking(
+        [
+            Captioned(pictures[0], "frontal"),
+            Captioned(pictures[1], "prior, 2025-03-02"),
+            Captioned(pictures[2]),
+        ],
+        "Compare the images.",
+    )
+    prepared = runtime.prepare(conversation, OPTIONS)
+    content = [
+        {"type": "text", "text": "Image 1 (frontal): "},
+        image_part(pictures[0], runtime),
+        {"type": "text", "text": "Image 2 (prior, 2025-03-02): "},
+        image_part(pictures[1], runtime),
+        {"type": "text", "text": "Image 3: "},
+        image_part(pictures[2], runtime),
+        {"type": "text", "text": "Compare the images."},
+    ]
+    assert len(prepared.model_input_sizes) == 3
+    assert runtime.generate([prepared])[0].text == quick_start(random_checkpoint, content)
+
+
+def test_a_text_only_conversation_is_prepared_as_the_quick_start_prepares_it(
+    runtime: ModelRuntime, random_checkpoint: Path
+) -> None:
+    question = "Summarize: the lungs are clear; no pleural effusion."
+    prepared = runtime.prepare(Conversation((Turn("user", (question,)),)), OPTIONS)
+    assert prepared.model_input_sizes == ()
+    assert "pixel_values" not in prepared.features
+    assert runtime.generate([prepared])[0].text == quick_start(
+        random_checkpoint, [{"type": "text", "text": question}]
+    )
+
+
+def test_images_fed_smaller_on_request(runtime: ModelRuntime) -> None:
+    picture = rgb_image(1000, 800)
+    (full,) = runtime.prepare(Conversation.about(picture, "q"), OPTIONS).model_input_sizes
+    (shared,) = runtime.prepare(
+        Conversation.about(picture, "q"), OPTIONS, max_pixels=300 * 300
+    ).model_input_sizes
+    assert full == (992, 800)
+    assert shared[0] * shared[1] <= 300 * 300 < full[0] * full[1]
+
+
 def test_model_input_size_is_the_processors_resize(runtime: ModelRuntime) -> None:
-    prepared = runtime.prepare(rgb_image(1000, 800), "q", OPTIONS)
+    prepared = runtime.prepare(Conversation.about(rgb_image(1000, 800), "q"), OPTIONS)
     assert prepared.model_input_size == (992, 800)
-    small = runtime.prepare(rgb_image(64, 48), "q", OPTIONS)
+    small = runtime.prepare(Conversation.about(rgb_image(64, 48), "q"), OPTIONS)
     width, height = small.model_input_size
     assert width % 32 == 0
     assert height % 32 == 0
@@ -84,7 +142,7 @@ def test_token_counts(reply_checkpoint: object) -> None:
     path = reply_checkpoint(README_GROUNDING_REPLY)  # type: ignore[operator]
     runtime = ModelRuntime.load(Settings(model=str(path)))
     prepared = runtime.prepare(
-        rgb_image(96, 64), "Detect and localize all abnormalities in this image.", OPTIONS
+        Conversation.about(rgb_image(96, 64), "Detect and localize all abnormalities in this image."), OPTIONS
     )
     (result,) = runtime.generate([prepared])
     assert result.text == README_GROUNDING_REPLY
@@ -107,7 +165,8 @@ def test_decoding_never_waits_for_a_preparation_in_progress(runtime: ModelRuntim
 
 def test_collate_pads_on_the_left_and_concatenates_patches(runtime: ModelRuntime) -> None:
     short, long = (
-        runtime.prepare(rgb_image(64, 64), p, OPTIONS) for p in ("a", "a much longer question here")
+        runtime.prepare(Conversation.about(rgb_image(64, 64), p), OPTIONS)
+        for p in ("a", "a much longer question here")
     )
     batch = collate([short.features, long.features], runtime.pad_token_id)
     gap = long.prompt_tokens - short.prompt_tokens
@@ -135,5 +194,7 @@ def test_an_image_too_elongated_for_the_model_area_is_unusable(random_checkpoint
         Settings(model=str(random_checkpoint), min_pixels=64 * 64, max_pixels=128 * 128)
     )
     with pytest.raises(UnusableImageError, match="too elongated"):
-        runtime.prepare(rgb_image(6400, 32), "q", OPTIONS)  # 200:1, inside the decoder's limit
-    assert runtime.prepare(rgb_image(512, 32), "q", OPTIONS).model_input_size[1] >= 32
+        runtime.prepare(
+            Conversation.about(rgb_image(6400, 32), "q"), OPTIONS
+        )  # 200:1, inside the decoder's limit
+    assert runtime.prepare(Conversation.about(rgb_image(512, 32), "q"), OPTIONS).model_input_size[1] >= 32

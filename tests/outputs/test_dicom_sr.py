@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_files
 
 from app.imaging import DicomSource, ImageError, ImageLimits, decode_image
 from app.outputs.dicom_sr import Author, ReportSourceError, check_report_source, structured_report
-from app.tasks.ground import GROUND, Box, GroundedFinding, GroundFields
+from app.tasks.ground import GROUND, Box, Grounded, GroundedFinding, GroundFields
 from app.tasks.report import REPORT, Report, ReportFields
 from app.tasks.vqa import VQA, VqaFields
 from tests.conftest import pydicom_file
@@ -47,14 +47,21 @@ def source_of(data: bytes) -> DicomSource:
 
 def every_report(source: DicomSource) -> list[bytes]:
     box = Box(x_min=1, y_min=1, x_max=9, y_max=9)
-    finding = GroundedFinding(label="Nodule", box=Box(x_min=0.1, y_min=0.1, x_max=0.2, y_max=0.2), box_px=box)
+    finding = GroundedFinding(
+        label="Nodule",
+        image_index=0,
+        sop_instance_uid=source.sop_instance_uid,
+        frame=source.frame,
+        box=Box(x_min=0.1, y_min=0.1, x_max=0.2, y_max=0.2),
+        box_px=box,
+    )
     report = Report(findings="Clear.", impression="Normal.", text="t")
     contents = [
-        (VQA, VQA.report_content(VqaFields(question="Any mass?"), "No.", source)),
-        (REPORT, REPORT.report_content(ReportFields(indication="cough"), report, source)),
-        (GROUND, GROUND.report_content(GroundFields(), [finding], source)),
+        (VQA, VQA.report_content(VqaFields(question="Any mass?"), "No.", [source])),
+        (REPORT, REPORT.report_content(ReportFields(indication="cough"), report, [source])),
+        (GROUND, GROUND.report_content(GroundFields(), Grounded([finding]), [source])),
     ]
-    return [structured_report(source, AUTHOR, content, task.report_title) for task, content in contents]
+    return [structured_report([source], AUTHOR, content, task.report_title) for task, content in contents]
 
 
 @pytest.mark.parametrize("name", IMAGES)

@@ -34,7 +34,7 @@ def source(name: str, **options: object) -> DicomSource:
 
 def test_the_state_references_the_source_in_its_study_and_patient() -> None:
     ct = source("CT_small.dcm", window="lung")
-    state = pydicom.dcmread(io.BytesIO(presentation_state(ct, AUTHOR, BOXES)))
+    state = pydicom.dcmread(io.BytesIO(presentation_state([ct], AUTHOR, BOXES)))
     assert state.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State
     assert state.StudyInstanceUID == ct.study_instance_uid
     assert state.PatientID == ct.header.PatientID
@@ -48,7 +48,7 @@ def test_the_state_references_the_source_in_its_study_and_patient() -> None:
 
 
 def test_each_box_is_a_closed_rectangle_in_the_source_pixels_with_its_label() -> None:
-    state = pydicom.dcmread(io.BytesIO(presentation_state(source("CT_small.dcm"), AUTHOR, BOXES)))
+    state = pydicom.dcmread(io.BytesIO(presentation_state([source("CT_small.dcm")], AUTHOR, BOXES)))
     (annotation,) = state.GraphicAnnotationSequence
     assert annotation.GraphicLayer == LAYER
     rectangles = [list(item.GraphicData) for item in annotation.GraphicObjectSequence]
@@ -66,7 +66,7 @@ def test_each_box_is_a_closed_rectangle_in_the_source_pixels_with_its_label() ->
 
 def test_the_window_the_image_was_shown_with_is_the_states() -> None:
     state = pydicom.dcmread(
-        io.BytesIO(presentation_state(source("CT_small.dcm", window="40,400"), AUTHOR, BOXES))
+        io.BytesIO(presentation_state([source("CT_small.dcm", window="40,400")], AUTHOR, BOXES))
     )
     (voi,) = state.SoftcopyVOILUTSequence
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (40.0, 400.0)
@@ -88,7 +88,7 @@ def test_a_frame_of_a_multiframe_source_is_referenced_by_number() -> None:
     decoded = decode_image(multiframe_grayscale(5), LIMITS, frame=3)
     assert decoded.dicom is not None
     multiframe = decoded.dicom
-    state = pydicom.dcmread(io.BytesIO(presentation_state(multiframe, AUTHOR, BOXES[:1])))
+    state = pydicom.dcmread(io.BytesIO(presentation_state([multiframe], AUTHOR, BOXES[:1])))
     assert state.GraphicAnnotationSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == 3
 
 
@@ -97,5 +97,5 @@ def test_a_flat_image_gets_a_state_without_a_window() -> None:
     dataset.PixelData = np.zeros((64, 64), dtype=np.int16).tobytes()
     decoded = decode_image(part10(dataset), LIMITS)
     assert decoded.dicom is not None
-    state = pydicom.dcmread(io.BytesIO(presentation_state(decoded.dicom, AUTHOR, BOXES)))
+    state = pydicom.dcmread(io.BytesIO(presentation_state([decoded.dicom], AUTHOR, BOXES)))
     assert "SoftcopyVOILUTSequence" not in state  # a window of width 0 is no window: the viewer's own applies

@@ -50,13 +50,13 @@ class Examination:
         return _file(dataset, str(top.SOPClassUID))
 
 
-def _patient_and_study(dataset: Dataset, study_uid: str, accession: str) -> None:
+def _patient_and_study(dataset: Dataset, study_uid: str, accession: str, study_date: str) -> None:
     dataset.PatientName = PATIENT_NAME
     dataset.PatientID = PATIENT_ID
     dataset.PatientBirthDate = "19610214"
     dataset.PatientSex = "F"
     dataset.StudyInstanceUID = study_uid
-    dataset.StudyDate, dataset.StudyTime = "20250312", "101500"
+    dataset.StudyDate, dataset.StudyTime = study_date, "101500"
     dataset.AccessionNumber = accession
     dataset.StudyID = "1"
     dataset.ReferringPhysicianName = ""
@@ -84,14 +84,17 @@ def _phantom(size: int, z_mm: float) -> np.ndarray:
     return (hounsfield + 1024).astype(np.uint16)
 
 
-def ct_series(slices: int = 40, size: int = 64, spacing_mm: float = 2.5) -> Examination:
-    """An axial CT series of `slices` slices, from z = -spacing*(slices-1)/2 upwards, numbered from the top."""
+def ct_series(
+    slices: int = 40, size: int = 64, spacing_mm: float = 2.5, study_date: str = "20250312"
+) -> Examination:
+    """An axial CT series of `slices` slices, from z = -spacing*(slices-1)/2 upwards, numbered from the top.
+    Each call is a new study of the same patient: an earlier `study_date` makes a prior."""
     study_uid, series_uid, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     datasets, files = [], []
     for index in range(slices):
         z_mm = -spacing_mm * (slices - 1) / 2 + index * spacing_mm
         dataset = Dataset()
-        _patient_and_study(dataset, study_uid, "ACC-CT-0001")
+        _patient_and_study(dataset, study_uid, f"ACC-CT-{study_date}", study_date)
         dataset.Modality = "CT"
         dataset.SeriesInstanceUID, dataset.SeriesNumber = series_uid, 2
         dataset.SeriesDescription = "Chest 2.5 mm"
@@ -117,13 +120,16 @@ def ct_series(slices: int = 40, size: int = 64, spacing_mm: float = 2.5) -> Exam
     return Examination(files, datasets)
 
 
-def cr_study(views: tuple[str, ...] = ("PA", "LL"), size: int = 96) -> Examination:
-    """A chest radiograph study: one series, one image per view."""
+def cr_study(
+    views: tuple[str, ...] = ("PA", "LL"), size: int = 96, study_date: str = "20250312"
+) -> Examination:
+    """A chest radiograph study: one series, one image per view. Each call is a new study of the same
+    patient: an earlier `study_date` makes a prior."""
     study_uid, series_uid = generate_uid(), generate_uid()
     datasets, files = [], []
     for number, view in enumerate(views, start=1):
         dataset = Dataset()
-        _patient_and_study(dataset, study_uid, "ACC-CR-0002")
+        _patient_and_study(dataset, study_uid, f"ACC-CR-{study_date}", study_date)
         dataset.Modality = "CR"
         dataset.SeriesInstanceUID, dataset.SeriesNumber = series_uid, 1
         dataset.SOPInstanceUID = generate_uid()

@@ -176,7 +176,7 @@ def test_the_service_log_holds_no_patient_data_and_no_uid(
     post(medmo.url, path(ct.datasets[1], "ground"), {"store": ["sr"]})
     log = medmo.log()
     assert '"path": "/dicomweb/studies/{study_instance_uid}' in log
-    for value in (PATIENT_NAME, PATIENT_ID, "ACC-CT-0001", PACS_PASSWORD):
+    for value in (PATIENT_NAME, PATIENT_ID, str(ct.datasets[0].AccessionNumber), PACS_PASSWORD):
         assert value not in log
     for examination in (ct, cr):
         for dataset in examination.datasets:
