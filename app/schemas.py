@@ -137,7 +137,22 @@ class ImageInfo(BaseModel):
     caption: str | None = Field(description="The caption sent with it, if any.", examples=["frontal"])
     width: int = Field(description="Width in pixels, as displayed.", examples=[2048])
     height: int = Field(description="Height in pixels, as displayed.", examples=[2500])
-    dicom: DicomInfo | None = Field(description="Present when the image was DICOM.", examples=[None])
+    dicom: DicomInfo | None = Field(
+        None,
+        description="Present when the image was DICOM.",
+        examples=[
+            {
+                "study_instance_uid": "1.2.840.113619.2.1",
+                "series_instance_uid": "1.2.840.113619.2.1.2",
+                "sop_instance_uid": _UID,
+                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                "modality": "CT",
+                "frame": 1,
+                "frames": 1,
+                "window": {"center": 40.0, "width": 400.0, "source": "file"},
+            }
+        ],
+    )
 
 
 class TaskResponse(BaseModel):

@@ -162,7 +162,8 @@ def container_item(name: object, children: Sequence[hd.sr.ContentItem]) -> hd.sr
         name=name,  # type: ignore[arg-type]
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence(list(children))
+    if children:  # an empty Content Sequence is not allowed: none at all says "no findings"
+        container.ContentSequence = hd.sr.ContentSequence(list(children))
     return container
 
 

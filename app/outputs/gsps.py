@@ -168,7 +168,8 @@ def _displayed_areas(whole_image: Dataset, headers: Sequence[Dataset]) -> list[D
     for rows, columns in dict.fromkeys((header.Rows, header.Columns) for header in headers):
         area = Dataset()
         for element in whole_image:
-            area.add(element)
+            if element.keyword != "DisplayedAreaBottomRightHandCorner":  # each area sets its own, below
+                area.add(element)
         area.ReferencedImageSequence = hd.ReferencedImageSequence(
             referenced_images=[h for h in headers if (h.Rows, h.Columns) == (rows, columns)]
         )

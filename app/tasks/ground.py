@@ -63,10 +63,14 @@ class GroundedFinding(BaseModel):
         examples=[0],
     )
     sop_instance_uid: str | None = Field(
-        description="That image's SOP Instance UID when it is DICOM; null otherwise.", examples=[None]
+        None,
+        description="That image's SOP Instance UID when it is DICOM; null otherwise.",
+        examples=["1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"],
     )
     frame: int | None = Field(
-        description="That image's frame (1 for the first) when it is DICOM; null otherwise.", examples=[None]
+        None,
+        description="That image's frame (1 for the first) when it is DICOM; null otherwise.",
+        examples=[1],
     )
     box: Box = Field(
         description="Corners as fractions, 0 to 1, of its image's width and height.",
@@ -88,8 +92,6 @@ class GroundResponse(TaskResponse):
                 {
                     "label": "Fractures",
                     "image_index": 0,
-                    "sop_instance_uid": None,
-                    "frame": None,
                     "box": {"x_min": 0.157, "y_min": 0.645, "x_max": 0.233, "y_max": 0.759},
                     "box_px": {"x_min": 157.3, "y_min": 516.0, "x_max": 232.9, "y_max": 607.0},
                 }

@@ -87,6 +87,23 @@ def raw_dicom_case(name: str, image: bytes, status: int, bomb: bool = False) -> 
     )
 
 
+def several_images_case(name: str, images: list[bytes], status: int) -> Case:
+    """One multipart request of several images: a bomb among them is refused as it would be alone."""
+    boundary = "several-images"
+    parts = [
+        b'Content-Disposition: form-data; name="image"; filename="a.bin"\r\n\r\n' + image for image in images
+    ]
+    parts.append(b'Content-Disposition: form-data; name="question"\r\n\r\nWhat is shown?')
+    content = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return Case(
+        name,
+        status,
+        content=content + b"--" + boundary.encode() + b"--\r\n",
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        bomb=True,
+    )
+
+
 def json_case(name: str, body: object, status: int, path: str = "/vqa") -> Case:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return Case(name, status, path=path, content=content, headers={"content-type": "application/json"})
@@ -150,6 +167,10 @@ def multipart_cases() -> list[Case]:
 
     image_part = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + png
     question = b'Content-Disposition: form-data; name="question"\r\n\r\nWhat?'
+
+    def caption(text: str) -> bytes:
+        return b'Content-Disposition: form-data; name="caption"\r\n\r\n' + text.encode()
+
     multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
     return [
         Case(
@@ -165,7 +186,25 @@ def multipart_cases() -> list[Case]:
             headers=multipart,
         ),
         Case("multipart part without headers", 400, content=body(b"\r\n" + png), headers=multipart),
-        Case("multipart, two images", 400, content=body(image_part, image_part, question), headers=multipart),
+        # Nine images of garbage: refused for their number (413), so none of them was decoded (400).
+        Case(
+            "multipart, nine images of a limit of eight",
+            413,
+            content=body(*[image_part.replace(png, b"not an image")] * 9, question),
+            headers=multipart,
+        ),
+        Case(
+            "multipart, captions not one per image",
+            422,
+            content=body(image_part, image_part, caption("frontal"), question),
+            headers=multipart,
+        ),
+        Case(
+            "multipart, a caption of 201 characters",
+            422,
+            content=body(image_part, caption("c" * 201), question),
+            headers=multipart,
+        ),
         Case(
             "multipart, question twice", 422, content=body(image_part, question, question), headers=multipart
         ),
@@ -177,16 +216,16 @@ def multipart_cases() -> list[Case]:
         ),
         Case(
             "multipart, other file part",
-            400,
+            422,
             files={"image": ("a.png", png, "image/png"), "other": ("b", b"x", "text/plain")},
             data={"question": "q"},
         ),
         Case("multipart, no image", 422, files={"other": ("b", b"x", "text/plain")}, data={"question": "q"}),
         Case(
-            "multipart, 20 fields",
+            "multipart, 40 fields",
             400,
             files={"image": ("a.png", png, "image/png")},
-            data={f"f{n}": "x" for n in range(20)},
+            data={f"f{n}": "x" for n in range(40)},
         ),
         Case(
             "multipart, 100 KB field",
@@ -282,6 +321,21 @@ def json_cases() -> list[Case]:
         json_case(
             "JSON base64 of noise", {"image": b64(np.random.default_rng(3).bytes(500)), "question": "q"}, 400
         ),
+        json_case(
+            "JSON nine images of a limit of eight", {"images": ["not base64!"] * 9, "question": "q"}, 413
+        ),
+        json_case("JSON image and images", {"image": image, "images": [image], "question": "q"}, 422),
+        json_case("JSON images empty", {"images": [], "question": "q"}, 422),
+        json_case("JSON images not a list", {"images": image, "question": "q"}, 422),
+        json_case("JSON images item a number", {"images": [image, 7], "question": "q"}, 422),
+        json_case(
+            "JSON images item with an unknown key",
+            {"images": [{"image": image, "frame": 2}], "question": "q"},
+            422,
+        ),
+        json_case(
+            "JSON images caption a number", {"images": [{"image": image, "caption": 3}], "question": "q"}, 422
+        ),
         json_case("JSON question a list", {"image": image, "question": ["q"]}, 422),
         json_case("JSON question a number", {"image": image, "question": 5}, 422),
         json_case("JSON unknown field", {"image": image, "question": "q", "qustion": "typo"}, 422),
@@ -369,6 +423,7 @@ def query_cases() -> list[Case]:
 
 def dicom_cases() -> list[Case]:
     ct = part10(synthetic_ct())
+    small = encoded(Image.new("L", (64, 64), 3), "PNG")
     deflated_ct = meta_bytes(DeflatedExplicitVRLittleEndian) + deflated(explicit_le(synthetic_ct()))
     meta_length = len(meta_bytes(DeflatedExplicitVRLittleEndian))
     stream = deflated_ct[meta_length:]
@@ -395,6 +450,18 @@ def dicom_cases() -> list[Case]:
         ),
         raw_dicom_case("deflate: truncated stream", deflated_ct[: meta_length + len(stream) // 2], 400),
         raw_dicom_case("deflate: bomb, 2 MB to 2 GiB", deflate_bomb(2048 * MIB), 413, bomb=True),
+        several_images_case(
+            "deflate: bomb as the 5th of 6 images",
+            [small, small, small, small, deflate_bomb(2048 * MIB), small],
+            413,
+        ),
+        several_images_case(
+            "PNG bomb as the 2nd of 3 images", [small, png_declaring(60_000, 60_000), small], 413
+        ),
+        # Each at the server's pixel limit, together over its budget for a request (MEDMO_MAX_TOTAL_PIXELS).
+        several_images_case(
+            "two images over the total pixel budget", [rle_zeros(2048, 2048), rle_zeros(2048, 2048)], 413
+        ),
         raw_dicom_case(
             "deflate: padded with 1 GiB of zeros", zero_padded_deflate(1024 * MIB), 413, bomb=True
         ),

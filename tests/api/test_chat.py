@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.servers import RunningServer, serve
-from tests.conftest import README_GROUNDING_REPLY, png_bytes, pydicom_file
+from tests.conftest import LIVE_API_KEY, README_GROUNDING_REPLY, png_bytes, pydicom_file
 
 KEY = "chat-client-key-of-enough-length"
 
@@ -171,7 +172,6 @@ def test_an_oversized_image_is_a_413(
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"max_tokens": 100_000}, "max_tokens"),
     ],
 )
 def test_what_medmo_cannot_honour_is_refused_never_ignored(
@@ -186,15 +186,105 @@ def test_what_medmo_cannot_honour_is_refused_never_ignored(
     assert param in str(refused.value)
 
 
-def test_an_unknown_model_and_two_images(
+def test_an_unknown_model_and_too_many_images(
     chat_server: RunningServer, client: openai.OpenAI, model_id: str
 ) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=conversation(data_uri(png_bytes())))
-    two = conversation(data_uri(png_bytes()))
-    two[1]["content"].append({"type": "image_url", "image_url": {"url": data_uri(png_bytes())}})
-    with pytest.raises(openai.BadRequestError, match="exactly one image"):
-        client.chat.completions.create(model=model_id, messages=two)
+    nine = conversation(data_uri(png_bytes()))
+    nine[1]["content"][1:1] = [{"type": "image_url", "image_url": {"url": data_uri(png_bytes())}}] * 8
+    with pytest.raises(openai.APIStatusError, match="MEDMO_MAX_IMAGES") as refused:
+        client.chat.completions.create(model=model_id, messages=nine)
+    assert refused.value.status_code == 413
+
+
+def access_lines(server: RunningServer) -> list[dict[str, object]]:
+    time.sleep(0.2)  # let the last access lines reach the file
+    return [
+        entry
+        for entry in (json.loads(line) for line in server.log().splitlines() if line.startswith("{"))
+        if entry.get("logger") == "medmo.access" and entry.get("path") == "/v1/chat/completions"
+    ]
+
+
+def test_images_interleaved_with_text_as_evaluation_harnesses_send_them(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    content: list[dict[str, object]] = []
+    for number, (width, height) in enumerate([(200, 160), (96, 128), (160, 96)], start=1):
+        content.append({"type": "text", "text": f"<image_{number}>: "})
+        content.append(
+            {"type": "image_url", "image_url": {"url": data_uri(png_bytes(width, height, seed=number))}}
+        )
+    content.append({"type": "text", "text": "Which image shows a fracture?"})
+    messages = [
+        {"role": "system", "content": "You are a medical imaging expert."},
+        {"role": "user", "content": content},
+    ]
+    completion = client.chat.completions.create(model=model_id, messages=messages, max_tokens=64)  # type: ignore[arg-type]
+    one = client.chat.completions.create(model=model_id, messages=conversation(data_uri(png_bytes(200, 160))))
+    assert completion.choices[0].message.content == README_GROUNDING_REPLY
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert one.usage is not None
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 2
+    assert completion.usage.prompt_tokens > one.usage.prompt_tokens  # three images' tokens, not one's
+    assert access_lines(chat_server)[-2]["images"] == 3
+
+
+def test_a_two_turn_conversation_and_a_text_only_question(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str
+) -> None:
+    first = conversation(data_uri(png_bytes(200, 160)))
+    follow_up = [
+        *first,
+        {"role": "assistant", "content": README_GROUNDING_REPLY},
+        {"role": "user", "content": "Which side is the fracture on?"},
+    ]
+    answered = client.chat.completions.create(model=model_id, messages=follow_up)  # type: ignore[arg-type]
+    opening = client.chat.completions.create(model=model_id, messages=first)
+    assert answered.choices[0].message.content == README_GROUNDING_REPLY
+    assert answered.usage is not None
+    assert opening.usage is not None
+    assert answered.usage.prompt_tokens > opening.usage.prompt_tokens  # the earlier turns were read
+    text_only = client.chat.completions.create(
+        model=model_id,
+        messages=[
+            {"role": "user", "content": "Summarize: the lungs are clear. No effusion. Heart size normal."}
+        ],
+    )
+    assert text_only.choices[0].message.content == README_GROUNDING_REPLY
+    assert text_only.usage is not None
+    assert text_only.usage.prompt_tokens < opening.usage.prompt_tokens  # no image tokens
+    assert access_lines(chat_server)[-1]["images"] == 0
+
+
+def test_max_tokens_is_an_upper_bound_served_up_to_what_the_context_holds(
+    chat_server: RunningServer, client: openai.OpenAI, model_id: str, live_server: RunningServer
+) -> None:
+    # The default 4,096-token context and 1,024-token chat limit; evaluation harnesses send 8,192.
+    short = client.chat.completions.create(
+        model=model_id, messages=conversation(data_uri(png_bytes())), max_tokens=8192
+    )
+    assert short.choices[0].finish_reason == "stop"
+    assert short.usage is not None
+    assert short.usage.completion_tokens == 2
+    # Random weights never end their turn: a long pasted report leaves less than the chat limit, and the
+    # answer runs to the end of the context.
+    report = (
+        "Findings: The lungs are clear. No pleural effusion or pneumothorax. Heart size is normal. " * 170
+    )
+    with openai_client(live_server, key=LIVE_API_KEY) as live:
+        model = live.models.list().data[0].id
+        cut = live.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"Summarize this report: {report}"}],
+            max_tokens=8192,
+        )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None
+    assert 4096 - 1024 < cut.usage.prompt_tokens < 4096
+    assert cut.usage.total_tokens == 4096 + 1  # the last token needs no room in the context
 
 
 def test_chat_is_counted_and_logged_without_its_text(

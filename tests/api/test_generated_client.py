@@ -89,7 +89,7 @@ def test_typed_calls_with_a_bearer_key(medmo_client: ModuleType, connect: Callab
 
     answer = api(medmo_client, "api.tasks.vqa").sync(
         client=client,
-        body=models.VqaUpload(image=upload(medmo_client, png_bytes(120, 80)), question="Effusion?"),
+        body=models.VqaUpload(image=[upload(medmo_client, png_bytes(120, 80))], question="Effusion?"),
     )
     assert isinstance(answer, models.VqaResponse)
     assert isinstance(answer.answer, str)
@@ -99,7 +99,7 @@ def test_typed_calls_with_a_bearer_key(medmo_client: ModuleType, connect: Callab
     report = api(medmo_client, "api.tasks.report").sync(
         client=client,
         body=models.ReportUpload(
-            image=upload(medmo_client, png_bytes()), modality="chest X-ray", indication="cough"
+            image=[upload(medmo_client, png_bytes())], modality="chest X-ray", indication="cough"
         ),
     )
     assert isinstance(report, models.ReportResponse)
@@ -107,11 +107,24 @@ def test_typed_calls_with_a_bearer_key(medmo_client: ModuleType, connect: Callab
     assert isinstance(report.report.findings, str)
 
     grounded = api(medmo_client, "api.tasks.ground").sync(
-        client=client, body=models.GroundUpload(image=upload(medmo_client, png_bytes()), target="nodule")
+        client=client, body=models.GroundUpload(image=[upload(medmo_client, png_bytes())], target="nodule")
     )
     assert isinstance(grounded, models.GroundResponse)
     assert isinstance(grounded.findings, list)
     assert grounded.box_convention.value == "pixel"
+
+    study = api(medmo_client, "api.tasks.report").sync(
+        client=client,
+        body=models.ReportUpload(
+            image=[upload(medmo_client, png_bytes(96, 64)), upload(medmo_client, png_bytes(64, 96))],
+            caption=["frontal", "lateral"],
+        ),
+    )
+    assert isinstance(study, models.ReportResponse)
+    assert [(image.index, image.caption, image.width) for image in study.images] == [
+        (0, "frontal", 96),
+        (1, "lateral", 64),
+    ]
 
 
 def test_json_bodies_dicom_uploads_and_the_x_api_key_header(
@@ -123,7 +136,7 @@ def test_json_bodies_dicom_uploads_and_the_x_api_key_header(
     assert isinstance(api(medmo_client, "api.tasks.vqa").sync(client=client, body=body), models.VqaResponse)
     dicom = upload(medmo_client, pydicom_file("CT_small.dcm"), "ct.dcm", "application/dicom")
     report = api(medmo_client, "api.tasks.report").sync(
-        client=client, body=models.ReportUpload(image=dicom, window="lung")
+        client=client, body=models.ReportUpload(image=[dicom], window="lung")
     )
     assert isinstance(report, models.ReportResponse)
     assert report.dicom.modality == "CT"
@@ -133,7 +146,7 @@ def test_json_bodies_dicom_uploads_and_the_x_api_key_header(
 def test_errors_come_back_typed(medmo_client: ModuleType, connect: Callable[..., Any]) -> None:
     models = api(medmo_client, "models")
     vqa = api(medmo_client, "api.tasks.vqa")
-    unreadable = models.VqaUpload(image=upload(medmo_client, b"not an image"), question="q")
+    unreadable = models.VqaUpload(image=[upload(medmo_client, b"not an image")], question="q")
     error = vqa.sync(client=connect(token=LIVE_API_KEY), body=unreadable)
     assert isinstance(error, models.ErrorResponse)
     assert error.error.code == "unreadable_image"

@@ -48,6 +48,8 @@ def hostile_server(
         "MEDMO_GROUND_MAX_NEW_TOKENS": "2",
         "MEDMO_CHAT_MAX_NEW_TOKENS": "2",
         "MEDMO_MAX_CONTEXT": "1024",
+        # Room for one image at the pixel limit, not two.
+        "MEDMO_MAX_TOTAL_PIXELS": str(MAX_IMAGE_PIXELS * 3 // 2),
     }
     with serve(random_checkpoint, tmp_path_factory.mktemp("hostile") / "server.log", env=env) as server:
         yield server

@@ -177,6 +177,7 @@ def test_each_access_line_is_json_with_the_request_facts(live_server: RunningSer
     assert line["path"] == "/report"
     assert line["modality"] == "CT"
     assert line["image_format"] == "DICOM"
+    assert line["images"] == 1
     assert (line["image_width"], line["image_height"]) == (128, 128)
     assert line["batch_size"] == 1
     assert line["queue_ms"] >= 0
@@ -194,6 +195,7 @@ def test_each_access_line_is_json_with_the_request_facts(live_server: RunningSer
         "latency_ms",
         "queue_ms",
         "batch_size",
+        "images",
         "image_width",
         "image_height",
         "image_format",

@@ -118,6 +118,26 @@ def test_a_text_only_conversation_is_prepared_as_the_quick_start_prepares_it(
     )
 
 
+def test_a_batch_mixing_text_alone_one_image_and_several_returns_what_each_returns_alone(
+    runtime: ModelRuntime,
+) -> None:
+    prepared = [
+        runtime.prepare(Conversation((Turn("user", ("Summarize: no effusion.",)),)), OPTIONS),
+        runtime.prepare(Conversation.about(rgb_image(96, 64, seed=1), "Any fracture?"), OPTIONS),
+        runtime.prepare(
+            Conversation.asking(
+                [
+                    Captioned(rgb_image(200, 120, seed=2), "frontal"),
+                    Captioned(rgb_image(64, 160, seed=3), "lateral"),
+                ],
+                "Compare.",
+            ),
+            OPTIONS,
+        ),
+    ]
+    assert runtime.generate(prepared) == [runtime.generate([item])[0] for item in prepared]
+
+
 def test_images_fed_smaller_on_request(runtime: ModelRuntime) -> None:
     picture = rgb_image(1000, 800)
     (full,) = runtime.prepare(Conversation.about(picture, "q"), OPTIONS).model_input_sizes

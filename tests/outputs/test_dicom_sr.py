@@ -16,6 +16,7 @@ from app.tasks.report import REPORT, Report, ReportFields
 from app.tasks.vqa import VQA, VqaFields
 from tests.conftest import pydicom_file
 from tests.corpus import MIB, part10, synthetic_ct
+from tests.dicom_validator import dciodvfy_errors
 
 # highdicom warns about single-component person names, which most anonymised test files have.
 pytestmark = pytest.mark.filterwarnings(
@@ -154,3 +155,10 @@ def test_an_empty_first_character_set_means_iso_2022_ir_6() -> None:
     report = pydicom.dcmread(io.BytesIO(every_report(source)[0]))
     assert report.SpecificCharacterSet == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
     assert str(report.PatientName) == "Yamada^Tarou=山田^太郎"
+
+
+def test_a_grounding_report_without_findings_is_valid_dicom(tmp_path: Path) -> None:
+    source = source_of(pydicom_file("CT_small.dcm"))
+    content = GROUND.report_content(GroundFields(), Grounded([]), [source])
+    document = structured_report([source], AUTHOR, content, GROUND.report_title)
+    assert dciodvfy_errors(document, tmp_path) == []

@@ -15,7 +15,9 @@ export interface FirstBox {
 
 function multipart(upload: GroundUpload): FormData {
   const form = new FormData();
-  form.append("image", upload.image);
+  for (const image of upload.image) {
+    form.append("image", image);
+  }
   if (upload.target) {
     form.append("target", upload.target);
   }
@@ -28,7 +30,7 @@ export async function firstBox(baseUrl: string, apiKey: string, image: Blob, tar
     baseUrl,
     headers: { Authorization: `Bearer ${apiKey}` },
   });
-  const upload: GroundUpload = { image, target };
+  const upload: GroundUpload = { image: [image], target };
   const { data, error } = await client.POST("/ground", { body: upload, bodySerializer: () => multipart(upload) });
   if (error) {
     throw new Error(`${error.error.code}: ${error.error.message}`);
