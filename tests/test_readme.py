@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from app.settings import Settings
+from bench.servers import RunningServer
+from tests.conftest import LIVE_API_KEY
+from tests.pacs.studies import cr_study
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 CI_RUN = (Path(__file__).parent.parent / ".ci" / "run").read_text()
@@ -25,3 +30,27 @@ def test_every_setting_is_in_the_configuration_table_with_its_default() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     assert "```bash\nbash .ci/test\n```" in README
     assert "bash .ci/test" in CI_RUN
+
+
+def section(title: str) -> str:
+    start = README.index(f"### {title}")
+    return README[start : README.index("\n### ", start + 1)]
+
+
+def test_the_several_images_example_runs_against_a_live_server(
+    live_server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (example,) = re.findall(r"```python\n(.*?)```", section("Several images"), flags=re.DOTALL)
+    study = cr_study(views=("PA", "LL"))
+    (tmp_path / "pa.dcm").write_bytes(study.files[0])
+    (tmp_path / "lateral.dcm").write_bytes(study.files[1])
+    monkeypatch.chdir(tmp_path)
+    code = example.replace("http://localhost:8000", live_server.url).replace("your-medmo-key", LIVE_API_KEY)
+    scope: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    answer = scope["answer"]
+    assert isinstance(answer, dict)
+    assert [(image["index"], image["caption"]) for image in answer["images"]] == [
+        (0, "frontal"),
+        (1, "lateral"),
+    ]

@@ -200,7 +200,8 @@ async def submit(
             else list(range(len(images)))
         )
         asked = queries(images, order)
-        admissions += [engine.admit() for _ in asked[1:]]  # a place for each sequence the engine runs
+        for _ in asked[1:]:  # a place for each sequence the engine runs; one refused gives all back
+            admissions.append(engine.admit())
         prepared = await asyncio.gather(
             *(
                 in_pool(running.prepare_pool, partial(prepare, running, query, options, bounded=bounded))
