@@ -270,6 +270,11 @@ class _Settings(BaseSettings):
                 f"MEDMO_MAX_PIXELS), a prompt and the longest answer ({longest_answer} tokens): raise it to at "
                 f"least {image_tokens + longest_answer + PROMPT_ALLOWANCE}"
             )
+        if self.max_queue < self.max_images:
+            raise ValueError(
+                f"MEDMO_MAX_QUEUE ({self.max_queue}) is smaller than MEDMO_MAX_IMAGES ({self.max_images}): "
+                "grounding several images takes a place in the queue for each"
+            )
         if self.max_wait_ms / 1000 >= self.request_timeout_s:
             raise ValueError(
                 f"MEDMO_MAX_WAIT_MS ({self.max_wait_ms}) must be shorter than MEDMO_REQUEST_TIMEOUT_S "

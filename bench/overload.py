@@ -107,6 +107,7 @@ def main() -> int:
     images = test_images(8, 64)
     env = {
         "MEDMO_MAX_QUEUE": str(args.max_queue),
+        "MEDMO_MAX_IMAGES": str(min(8, args.max_queue)),  # each image of a grounding takes a place
         "MEDMO_MAX_BATCH_SIZE": str(args.max_batch_size),
         "MEDMO_LOG_LEVEL": "warning",
         "MEDMO_SHUTDOWN_GRACE_S": "30",

@@ -55,7 +55,7 @@ def answer(connection: socket.socket) -> bytes:
 
 
 def test_stalled_uploads_hold_no_place_in_the_queue(random_checkpoint: Path, tmp_path: Path) -> None:
-    env = {"MEDMO_MAX_QUEUE": "4", "MEDMO_VQA_MAX_NEW_TOKENS": "2"}
+    env = {"MEDMO_MAX_QUEUE": "4", "MEDMO_MAX_IMAGES": "4", "MEDMO_VQA_MAX_NEW_TOKENS": "2"}
     with serve(random_checkpoint, tmp_path / "server.log", env=env) as server, ExitStack() as stack:
         body = json.dumps({"question": "q", "image": "iVBORw0KGgo" * 1000}).encode()
         stalled = []

@@ -147,7 +147,13 @@ async def test_a_full_queue_answers_429_before_decoding(
 
     monkeypatch.setattr(app.api.pipeline, "decode_image", spying_decoder)
     async with serving(
-        model_runtime, engine_name, random_checkpoint, max_queue=2, max_batch_size=1, max_wait_ms=0
+        model_runtime,
+        engine_name,
+        random_checkpoint,
+        max_queue=2,
+        max_batch_size=1,
+        max_wait_ms=0,
+        max_images=2,
     ) as served:
         served.instruments.gate.clear()
         first = asyncio.create_task(vqa(served.client))
@@ -164,6 +170,36 @@ async def test_a_full_queue_answers_429_before_decoding(
         assert len(decoded) == 3  # the refused upload was never decoded
         served.instruments.gate.set()
         assert [r.status_code for r in await asyncio.gather(first, *queued)] == [200, 200, 200]
+
+
+async def test_grounding_several_images_takes_a_place_per_image_or_none(
+    model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
+) -> None:
+    async with serving(
+        model_runtime,
+        engine_name,
+        random_checkpoint,
+        max_queue=3,
+        max_images=3,
+        max_batch_size=1,
+        max_wait_ms=0,
+    ) as served:
+        served.instruments.gate.clear()
+        first = asyncio.create_task(vqa(served.client))
+        await asyncio.to_thread(served.instruments.inside.wait, 10)
+        queued = asyncio.create_task(vqa(served.client, seed=1))
+        await wait_until(lambda: served.engine.waiting == 1)
+        three = [("image", (f"{n}.png", png_bytes(64, 64 + 32 * n, seed=n), "image/png")) for n in range(3)]
+        refused = await served.client.post("/ground", files=three)
+        # Its first place and the next were taken; the third was refused, and it gave all of them back.
+        assert refused.status_code == 429
+        assert served.engine.in_flight == 2  # the running request and the queued one
+        served.instruments.gate.set()
+        assert [r.status_code for r in await asyncio.gather(first, queued)] == [200, 200]
+        await wait_until(lambda: served.engine.in_flight == 0)
+        answered = await served.client.post("/ground", files=three)
+        assert answered.status_code == 200
+        assert len(answered.json()["images"]) == 3
 
 
 async def test_an_expired_request_gets_504_and_the_model_never_sees_it(
@@ -351,7 +387,13 @@ async def test_metrics_cover_queue_requests_tokens_and_rejections(
     model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
 ) -> None:
     async with serving(
-        model_runtime, engine_name, random_checkpoint, max_queue=1, max_batch_size=1, max_wait_ms=0
+        model_runtime,
+        engine_name,
+        random_checkpoint,
+        max_queue=1,
+        max_batch_size=1,
+        max_wait_ms=0,
+        max_images=1,
     ) as served:
         served.instruments.gate.clear()
         first = asyncio.create_task(vqa(served.client))
@@ -411,7 +453,7 @@ async def test_a_stalled_upload_gets_408_and_gives_its_place_back(
     model_runtime: ModelRuntime, engine_name: str, random_checkpoint: Path
 ) -> None:
     async with serving(
-        model_runtime, engine_name, random_checkpoint, upload_timeout_s=0.3, max_queue=1
+        model_runtime, engine_name, random_checkpoint, upload_timeout_s=0.3, max_queue=1, max_images=1
     ) as served:
         began = time.monotonic()
         # Half a body, then nothing: the connection stays open, as a slowloris would keep it.

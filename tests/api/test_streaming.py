@@ -131,7 +131,12 @@ def test_a_body_too_large_is_a_plain_413(random_client: TestClient) -> None:
 @pytest.fixture(scope="module")
 def slow_server(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """Long answers from random weights: long enough to see text arrive over time."""
-    env = {"MEDMO_REPORT_MAX_NEW_TOKENS": "600", "MEDMO_MAX_QUEUE": "1", "MEDMO_MAX_SLOTS": "1"}
+    env = {
+        "MEDMO_REPORT_MAX_NEW_TOKENS": "600",
+        "MEDMO_MAX_QUEUE": "1",
+        "MEDMO_MAX_IMAGES": "1",
+        "MEDMO_MAX_SLOTS": "1",
+    }
     with serve(random_checkpoint, tmp_path_factory.mktemp("slow") / "server.log", env=env) as server:
         yield server
 
