@@ -84,7 +84,8 @@ class _Settings(BaseSettings):
         8,
         ge=1,
         le=64,
-        description="Most images in one request (a study's views, slices, a prior); more get 413.",
+        description="Most images in one request (a study's views, slices, a prior); more get 413. At most "
+        "MEDMO_MAX_QUEUE: grounding several images takes a place in the queue for each.",
     )
     max_total_pixels: int = Field(
         100_000_000,
