@@ -125,6 +125,18 @@ class DicomInfo(BaseModel):
     )
 
 
+_DICOM_EXAMPLE = {
+    "study_instance_uid": "1.2.840.113619.2.1",
+    "series_instance_uid": "1.2.840.113619.2.1.2",
+    "sop_instance_uid": _UID,
+    "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+    "modality": "CT",
+    "frame": 1,
+    "frames": 1,
+    "window": {"center": 40.0, "width": 400.0, "source": "file"},
+}
+
+
 class ImageInfo(BaseModel):
     """One image of the request, in the order it was sent (its index is what findings name)."""
 
@@ -140,18 +152,7 @@ class ImageInfo(BaseModel):
     dicom: DicomInfo | None = Field(
         None,
         description="Present when the image was DICOM.",
-        examples=[
-            {
-                "study_instance_uid": "1.2.840.113619.2.1",
-                "series_instance_uid": "1.2.840.113619.2.1.2",
-                "sop_instance_uid": _UID,
-                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-                "modality": "CT",
-                "frame": 1,
-                "frames": 1,
-                "window": {"center": 40.0, "width": 400.0, "source": "file"},
-            }
-        ],
+        examples=[_DICOM_EXAMPLE],
     )
 
 
@@ -174,18 +175,7 @@ class TaskResponse(BaseModel):
     dicom: DicomInfo | None = Field(
         None,
         description="Present when the upload (the first, when several were sent) was DICOM.",
-        examples=[
-            {
-                "study_instance_uid": "1.2.840.113619.2.1",
-                "series_instance_uid": "1.2.840.113619.2.1.2",
-                "sop_instance_uid": _UID,
-                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-                "modality": "CT",
-                "frame": 1,
-                "frames": 1,
-                "window": {"center": 40.0, "width": 400.0, "source": "file"},
-            }
-        ],
+        examples=[_DICOM_EXAMPLE],
     )
     usage: Usage = Field(
         description="Tokens in and out.", examples=[{"prompt_tokens": 1320, "completion_tokens": 58}]
