@@ -193,10 +193,18 @@ class ContinuousEngine(Gated):
     def _check_fits(self, request: PreparedRequest) -> None:
         needed = request.prompt_tokens + request.options.max_new_tokens - 1
         if needed > self._runner.context:
+            images = len(request.model_input_sizes)
+            what = (
+                "the prompt"
+                if images == 0
+                else "the image and prompt"
+                if images == 1
+                else "the images and prompt"
+            )
             raise ContextTooLongError(
-                f"the image and prompt take {request.prompt_tokens} tokens and {request.options.max_new_tokens} "
-                f"new tokens were asked for: more than the {self._runner.context}-token context the engine "
-                "holds per request (ask for fewer tokens, a shorter text, or a smaller image)"
+                f"{what} take {request.prompt_tokens} tokens and {request.options.max_new_tokens} new tokens were "
+                f"asked for: more than the {self._runner.context}-token context the engine holds per request "
+                "(MEDMO_MAX_CONTEXT; ask for fewer tokens, a shorter text, or fewer or smaller images)"
             )
 
     async def stop(self) -> None:
