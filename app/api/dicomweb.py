@@ -1,13 +1,18 @@
-"""Tasks on an image in the PACS, named by its UIDs: the service fetches it (WADO-RS), runs the task, and
-when asked stores the answer back into its study (STOW-RS).
+"""Tasks on images in the PACS, named by their UIDs: the service fetches them (WADO-RS), runs the task, and
+when asked stores the answer back into the study (STOW-RS).
 
-One route per task, at the instance's own DICOMweb path with the task appended:
-POST /dicomweb/studies/{study}/series/{series}/instances/{instance}/report, and so on. The body is the
-task's JSON fields (as for POST /report, less `stream`) and `store`, what to file back. The request goes
-through the same pipeline as the task routes, in the same order: admission before anything is fetched,
-then the fetch (bounded in time and bytes, holding an upload slot as an upload would), decoding, the
-queue, the model, and the store, all within the request's deadline. The PACS is the one configured
-(MEDMO_DICOMWEB_URL); the UIDs in the path are checked to be DICOM UIDs before any URL is made of them.
+Two routes per task, at a DICOMweb path with the task appended:
+- an instance: POST /dicomweb/studies/{study}/series/{series}/instances/{instance}/report, and so on;
+- a series: POST /dicomweb/studies/{study}/series/{series}/report. The service lists the series' instances
+  (QIDO-RS) and takes some as the Orthanc router would (`app/pacs/series_choice.py`): `instances` evenly
+  spaced slices, or every instance; /report and /vqa may add the patient's latest prior of the same
+  modality (`prior`, `app/pacs/series_pull.py`). All of them go to the model in one request.
+The body is the task's JSON fields (as for POST /report, less `stream`) and `store`, what to file back.
+A request goes through the same pipeline as the task routes, in the same order: admission before anything
+is fetched, then the searches and fetches (bounded in time, and in bytes as an upload is, holding an upload
+slot as an upload would), decoding, the queue, the model, and the store, all within the request's
+deadline. The PACS is the one configured (MEDMO_DICOMWEB_URL); the UIDs in the path are checked to be DICOM
+UIDs before any URL is made of them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import date
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -45,10 +51,13 @@ from app.pacs.dicomweb import (
     UID_MAX_LENGTH,
     UID_PATTERN,
     Dicomweb,
+    InstanceUids,
     PacsError,
     PacsNotConfiguredError,
     PacsSettings,
 )
+from app.pacs.series_choice import Asked, image_counts, instances_to_take
+from app.pacs.series_pull import listed_series, prior_of
 from app.schemas import ErrorResponse, StoredInstance, TaskFields
 from app.settings import Settings
 from app.tasks import TASKS
@@ -60,6 +69,7 @@ router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(
 MAX_BODY_BYTES = 64 * 1024
 EXAMPLE_STUDY, EXAMPLE_SERIES = "1.2.840.113619.2.1", "1.2.840.113619.2.1.2"
 EXAMPLE_INSTANCE = "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+EXAMPLE_PRIOR_STUDY = "1.2.840.113619.2.1.7"
 _EXAMPLE_SR_SERIES, _EXAMPLE_SR = "1.2.826.0.1.3680043.10.511.3.1", "1.2.826.0.1.3680043.10.511.3.2"
 STORED_EXAMPLE = {
     "object": "sr",
@@ -70,37 +80,55 @@ STORED_EXAMPLE = {
     "retrieve_url": f"http://orthanc:8042/dicom-web/studies/{EXAMPLE_STUDY}/series/{_EXAMPLE_SR_SERIES}"
     f"/instances/{_EXAMPLE_SR}",
 }
+# /ground reads one image per query: boxes found on a prior's image would be findings of the past.
+PRIOR_TASKS = frozenset({"report", "vqa"})
 
 
-def _uid(level: str, example: str) -> Any:
+def _uid(description: str, example: str) -> Any:
     return Path(
         pattern=UID_PATTERN,
         min_length=1,
         max_length=UID_MAX_LENGTH,
-        description=f"{level} Instance UID of the image in the PACS.",
+        description=description,
         examples=[example],
     )
 
 
-StudyUid = Annotated[str, _uid("Study", EXAMPLE_STUDY)]
-SeriesUid = Annotated[str, _uid("Series", EXAMPLE_SERIES)]
-InstanceUid = Annotated[str, _uid("SOP", EXAMPLE_INSTANCE)]
+StudyUid = Annotated[str, _uid("Study Instance UID of the images in the PACS.", EXAMPLE_STUDY)]
+SeriesUid = Annotated[str, _uid("Series Instance UID of the images in the PACS.", EXAMPLE_SERIES)]
+InstanceUid = Annotated[str, _uid("SOP Instance UID of the image in the PACS.", EXAMPLE_INSTANCE)]
 
 STORE_DESCRIPTION = (
-    "What to store back into the image's study in the PACS (STOW-RS): sr, the answer as a DICOM Structured "
-    "Report{gsps}. Empty: nothing is stored."
+    "What to store back into the study in the path, in the PACS (STOW-RS): sr, the answer as a DICOM "
+    "Structured Report{gsps}. Empty: nothing is stored."
+)
+INSTANCES_DESCRIPTION = (
+    "How many of the series' instances to take, as the Orthanc router does: a number N, N evenly spaced "
+    "through the series (slices by position along the slice normal, views by Instance Number; 1: the middle "
+    "one; every one when the series holds no more), or all, every instance up to MEDMO_MAX_IMAGES (that many "
+    "evenly spaced when it holds more). Default: 1 for CT, MR, PT and NM, all for other modalities (a study's "
+    "views). A number above MEDMO_MAX_IMAGES is refused with 413 before anything is fetched."
+)
+PRIOR_DESCRIPTION = (
+    "true: also take the patient's latest earlier study (Study Date before this one's) holding a series of "
+    "this modality, its instances chosen by the same rule after the current ones, within MEDMO_MAX_IMAGES: "
+    "the series keeps what it asked for but one place, the prior gets the room left, up to as many. The "
+    "images are then captioned 'current, YYYY-MM-DD, ...' and 'prior, YYYY-MM-DD, ...'. Without such a "
+    "study the request runs on the current series alone; prior_study_instance_uid says which was used."
 )
 
 
-def request_model(task: Task[Any, Any]) -> type[BaseModel]:
+def request_model(task: Task[Any, Any], *, series: bool = False) -> type[BaseModel]:
     """The JSON body of a task's DICOMweb route: its fields (less `stream`: the answer is one JSON), and
-    `store`."""
+    `store`; for a series, also which instances to take (and for /report and /vqa, whether a prior too)."""
     kinds = Literal["sr", "gsps"] if task.draws else Literal["sr"]
     gsps = "; gsps, the findings as a Grayscale Softcopy Presentation State" if task.draws else ""
+    # One JSON answer; one instance has no order to choose.
+    left_out = ("stream",) if series else ("stream", "image_order")
     fields: dict[str, Any] = {
         name: (info.annotation, info)
         for name, info in task.fields.model_fields.items()
-        if name not in ("stream", "image_order")  # one JSON answer; one instance
+        if name not in left_out
     }
     fields["store"] = (
         list[kinds],  # type: ignore[valid-type]
@@ -111,13 +139,22 @@ def request_model(task: Task[Any, Any]) -> type[BaseModel]:
             examples=[["sr", "gsps"] if task.draws else ["sr"]],
         ),
     )
+    if series:
+        fields["instances"] = (
+            Annotated[int, Field(ge=1)] | Literal["all"] | None,
+            Field(None, description=INSTANCES_DESCRIPTION, examples=[5]),
+        )
+        if task.name in PRIOR_TASKS:
+            fields["prior"] = (bool, Field(False, description=PRIOR_DESCRIPTION, examples=[True]))
     stem = task.fields.__name__.removesuffix("Fields")
+    level = "Series" if series else ""
     return create_model(
-        f"Dicomweb{stem}Request",
+        f"Dicomweb{level}{stem}Request",
         __config__=ConfigDict(
             extra="forbid", str_strip_whitespace=True, json_schema_extra=_without_null_defaults
         ),
-        __doc__=f"/{task.name} on an image in the PACS: the task's fields, and what to store back.",
+        __doc__=f"/{task.name} on {'a series' if series else 'an image'} in the PACS: the task's fields, "
+        f"{'which instances to take, ' if series else ''}and what to store back.",
         **fields,
     )
 
@@ -146,8 +183,40 @@ def response_model(task: Task[Any, Any]) -> type[BaseModel]:
     )
 
 
-REQUEST_MODELS = {name: request_model(task) for name, task in TASKS.items()}
+def series_response_model(task: Task[Any, Any]) -> type[BaseModel]:
+    """The instance route's answer; for a task that may take a prior, which prior study it took."""
+    if task.name not in PRIOR_TASKS:
+        return RESPONSE_MODELS[task.name]
+    stem = task.fields.__name__.removesuffix("Fields")
+    return create_model(
+        f"DicomwebSeries{stem}Response",
+        __base__=RESPONSE_MODELS[task.name],
+        prior_study_instance_uid=(
+            str | None,
+            Field(
+                description="The prior study whose images follow the current ones in `images` (captioned "
+                "'prior, YYYY-MM-DD'); null when prior was not asked for or the PACS holds none.",
+                examples=[EXAMPLE_PRIOR_STUDY],
+            ),
+        ),
+    )
+
+
+def instance_operation(task: Task[Any, Any]) -> str:
+    return f"dicomweb_{task.name}"
+
+
+def series_operation(task: Task[Any, Any]) -> str:
+    return f"dicomweb_series_{task.name}"
+
+
+# The routes' JSON bodies, by operation id: the app factory puts them all in the OpenAPI components.
+REQUEST_MODELS = {
+    **{instance_operation(task): request_model(task) for task in TASKS.values()},
+    **{series_operation(task): request_model(task, series=True) for task in TASKS.values()},
+}
 RESPONSE_MODELS = {name: response_model(task) for name, task in TASKS.items()}
+SERIES_RESPONSE_MODELS = {name: series_response_model(task) for name, task in TASKS.items()}
 
 
 def pacs_settings(settings: Settings) -> PacsSettings:
@@ -163,7 +232,7 @@ def pacs_settings(settings: Settings) -> PacsSettings:
 
 
 def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Response]]:
-    body_model, answer_model = REQUEST_MODELS[task.name], RESPONSE_MODELS[task.name]
+    body_model, answer_model = REQUEST_MODELS[instance_operation(task)], RESPONSE_MODELS[task.name]
 
     async def endpoint(
         request: Request,
@@ -184,9 +253,8 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 body = await read_body(request, body_model, settings)
                 store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
                 fields: TaskFields = task.fields.model_validate(body.model_dump(exclude={"store"}))
-                dicom = await pacs.retrieve_instance(
-                    study_instance_uid, series_instance_uid, sop_instance_uid
-                )
+                uids = InstanceUids(study_instance_uid, series_instance_uid, sop_instance_uid)
+                dicom = await pacs.retrieve_instance(uids.study, uids.series, uids.instance)
             convention = settings.box_convention
             submitted = await submit(
                 request,
@@ -199,19 +267,76 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 ),
                 deadline_s=deadline_s,
                 deltas=False,
-                check_images=the_instances_asked_for(
-                    [(study_instance_uid, series_instance_uid, sop_instance_uid)], store
-                ),
+                check_images=the_instances_asked_for([uids], store),
             )
-            completed = await collect(request, submitted)
-            submitted.finished(completed, task.name)
-            parsed = read_answer(task, submitted, completed, convention)
-            stored = await store_answers(pacs, store, task, fields, parsed, submitted, study_instance_uid)
-        answer = task.answer(parsed, [c.generation.text for c in completed], convention)
-        document = answer_model(**submitted.envelope(completed), **answer, stored=stored)
-        return JSONResponse(document.model_dump(mode="json"))
+            answer = await answered_and_stored(request, task, fields, submitted, pacs, store, uids.study)
+        return JSONResponse(answer_model(**answer).model_dump(mode="json"))
 
-    endpoint.__name__ = f"dicomweb_{task.name}"
+    endpoint.__name__ = instance_operation(task)
+    return endpoint
+
+
+def dicomweb_series_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Response]]:
+    body_model = REQUEST_MODELS[series_operation(task)]
+    answer_model = SERIES_RESPONSE_MODELS[task.name]
+
+    async def endpoint(
+        request: Request,
+        study_instance_uid: StudyUid,
+        series_instance_uid: SeriesUid,
+        x_request_timeout: RequestTimeout = None,
+        x_request_id: RequestId = None,
+    ) -> Response:
+        arrived = time.monotonic()
+        request_record(request).task = task.name
+        running = get_running(request)
+        settings = running.service.settings
+        pacs = Dicomweb(pacs_settings(settings))
+        running.engine.check_admission()
+        async with deadline(request, x_request_timeout) as deadline_s:
+            with running.service.uploads.take():
+                body = await read_body(request, body_model, settings)
+                store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
+                asked: Asked = body.instances  # type: ignore[attr-defined]
+                with_prior: bool = getattr(body, "prior", False)
+                fields: TaskFields = task.fields.model_validate(
+                    body.model_dump(exclude={"store", "instances", "prior"})
+                )
+                pulled = await pull_series(
+                    pacs, settings, study_instance_uid, series_instance_uid, asked, with_prior=with_prior
+                )
+            convention = settings.box_convention
+            submitted = await submit(
+                request,
+                arrived=arrived,
+                options=running.service.options(task.name, fields.max_new_tokens),
+                bounded=fields.max_new_tokens is None,
+                uploads=[
+                    ImageUpload(dicom, caption, fields.frame, fields.window)
+                    for dicom, caption in zip(pulled.files, pulled.captions, strict=True)
+                ],
+                queries=lambda images, order: task.queries(
+                    fields,
+                    [
+                        Captioned(image.picture, caption)
+                        for image, caption in zip(images, pulled.captions, strict=True)
+                    ],
+                    order,
+                    convention,
+                ),
+                image_order=fields.image_order or "anatomical",
+                deadline_s=deadline_s,
+                deltas=False,
+                check_images=the_instances_asked_for(pulled.instances, store),
+            )
+            answer = await answered_and_stored(
+                request, task, fields, submitted, pacs, store, study_instance_uid
+            )
+        if task.name in PRIOR_TASKS:
+            answer["prior_study_instance_uid"] = pulled.prior_study_instance_uid
+        return JSONResponse(answer_model(**answer).model_dump(mode="json"))
+
+    endpoint.__name__ = series_operation(task)
     return endpoint
 
 
@@ -230,23 +355,74 @@ async def read_body(request: Request, body_model: type[BaseModel], settings: Set
         raise ApiError(422, "invalid_request", describe_validation_errors(exc.errors())) from None
 
 
+@dataclass(frozen=True)
+class PulledImages:
+    """What a series-level request runs on: the instances fetched, in the order sent, and their captions."""
+
+    instances: list[InstanceUids]
+    captions: list[str | None]
+    files: list[bytes]
+    prior_study_instance_uid: str | None
+
+
+async def pull_series(
+    pacs: Dicomweb, settings: Settings, study: str, series: str, asked: Asked, *, with_prior: bool
+) -> PulledImages:
+    """Choose the series' instances (and its prior's) by the Orthanc router's rule, within MEDMO_MAX_IMAGES
+    images, then fetch them within MEDMO_MAX_UPLOAD_BYTES together, as an upload of several images is
+    bounded."""
+    limit = settings.max_images
+    if isinstance(asked, int) and asked > limit:
+        raise too_many_images(f"instances: {asked}", limit)
+    if with_prior and limit < 2:
+        raise too_many_images("a prior's images and the series'", limit)
+    current = await listed_series(pacs, study, series)
+    prior = await prior_of(pacs, current) if with_prior else None
+    # What the series can give, not what was asked for: a prior then gets the places its views leave.
+    wanted = min(instances_to_take(asked, current.modality, limit), current.available)
+    current_count, prior_count = image_counts(wanted, limit, with_prior=prior is not None)
+    instances, captions = current.taken(current_count)
+    if prior is not None:
+        earlier, earlier_labels = prior.series.taken(prior_count)
+        instances += earlier
+        captions = [
+            *(dated("current", prior.current_date, label) for label in captions),
+            *(dated("prior", prior.prior_date, label) for label in earlier_labels),
+        ]
+    files = await pacs.retrieve_instances(instances, settings.max_upload_bytes)
+    return PulledImages(instances, captions, files, prior.series.study if prior else None)
+
+
+def too_many_images(asked: str, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_images",
+        f"{asked}: more than the {limit} images a request may hold on this server (MEDMO_MAX_IMAGES)",
+    )
+
+
+def dated(when: Literal["current", "prior"], day: date, label: str | None) -> str:
+    """A caption that tells a current image from a prior's: "prior, 2024-01-05, PA"."""
+    return ", ".join(part for part in (when, day.isoformat(), label) if part)
+
+
 def the_instances_asked_for(
-    uids: list[tuple[str, str, str]], store: list[Literal["sr", "gsps"]]
+    asked: list[InstanceUids], store: list[Literal["sr", "gsps"]]
 ) -> Callable[[list[DecodedImage]], None]:
     """Before the model runs: the PACS sent DICOM images, the ones asked for (study, series and instance:
     answers are stored into the study named in the path), and, if answers are to be stored, ones they can
     be anchored to."""
 
     def check(images: list[DecodedImage]) -> None:
-        for image, asked in zip(images, uids, strict=True):
+        for image, uids in zip(images, asked, strict=True):
             if image.dicom is None:
                 raise PacsError("the PACS sent an image that is not DICOM")
-            sent = (
+            sent = InstanceUids(
                 image.dicom.study_instance_uid,
                 image.dicom.series_instance_uid,
                 image.dicom.sop_instance_uid,
             )
-            if sent != asked:
+            if sent != uids:
                 raise PacsError("the PACS sent another instance than the one asked for")
         if "sr" in store:
             anchorable_report(images)
@@ -254,6 +430,26 @@ def the_instances_asked_for(
             anchorable_state(images)
 
     return check
+
+
+async def answered_and_stored(
+    request: Request,
+    task: Task[Any, Any],
+    fields: TaskFields,
+    submitted: Submitted,
+    pacs: Dicomweb,
+    store: list[Literal["sr", "gsps"]],
+    study: str,
+) -> dict[str, Any]:
+    """Wait for the model, store what was asked into the study in the path (the first image's), and the
+    response's fields."""
+    convention = submitted.running.service.settings.box_convention
+    completed = await collect(request, submitted)
+    submitted.finished(completed, task.name)
+    parsed = read_answer(task, submitted, completed, convention)
+    stored = await store_answers(pacs, store, task, fields, parsed, submitted, study)
+    answer = task.answer(parsed, [c.generation.text for c in completed], convention)
+    return {**submitted.envelope(completed), **answer, "stored": stored}
 
 
 async def store_answers(
@@ -310,24 +506,56 @@ DICOMWEB_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The PACS did not answer within MEDMO_DICOMWEB_TIMEOUT_S, or the request's deadline passed.",
     },
 }
+SERIES_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **DICOMWEB_ERROR_RESPONSES,
+    404: {
+        "model": ErrorResponse,
+        "description": "The PACS has no series with these UIDs, or no instance in it (not_found).",
+    },
+    413: {
+        "model": ErrorResponse,
+        "description": "More instances than MEDMO_MAX_IMAGES asked for (too_many_images, refused before "
+        "anything is fetched), the instances larger together than MEDMO_MAX_UPLOAD_BYTES (image_too_large), or "
+        "a body or decoded image larger than allowed.",
+    },
+    502: {
+        "model": ErrorResponse,
+        "description": "The PACS could not be reached, refused the service's credentials, answered a search "
+        "with something else than DICOM JSON, sent something else than the instances listed, or did not "
+        "store the answer.",
+    },
+}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
 
 for _task in TASKS.values():
     router.add_api_route(
         f"/studies/{{study_instance_uid}}/series/{{series_instance_uid}}/instances/{{sop_instance_uid}}/{_task.name}",
         dicomweb_endpoint(_task),
         methods=["POST"],
-        operation_id=f"dicomweb_{_task.name}",
+        operation_id=instance_operation(_task),
         response_model=RESPONSE_MODELS[_task.name],
         responses=DICOMWEB_ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {"$ref": f"#/components/schemas/{REQUEST_MODELS[_task.name].__name__}"}
-                    }
-                },
-            }
-        },
+        openapi_extra=_json_body(REQUEST_MODELS[instance_operation(_task)]),
         summary=f"{_task.summary}, fetched from the PACS by its UIDs; store the answer back if asked",
+    )
+    router.add_api_route(
+        f"/studies/{{study_instance_uid}}/series/{{series_instance_uid}}/{_task.name}",
+        dicomweb_series_endpoint(_task),
+        methods=["POST"],
+        operation_id=series_operation(_task),
+        response_model=SERIES_RESPONSE_MODELS[_task.name],
+        responses=SERIES_ERROR_RESPONSES,
+        openapi_extra=_json_body(REQUEST_MODELS[series_operation(_task)]),
+        summary=f"{_task.summary}, on instances of a series chosen and fetched from the PACS"
+        + (", with its prior if asked" if _task.name in PRIOR_TASKS else "")
+        + "; store the answer back if asked",
     )

@@ -1,13 +1,14 @@
-"""A DICOMweb client for the one PACS the service is configured with: fetch an instance (WADO-RS), store
-DICOM objects into a study (STOW-RS).
+"""A DICOMweb client for the one PACS the service is configured with: search it (QIDO-RS), fetch instances
+(WADO-RS), store DICOM objects into a study (STOW-RS).
 
 Only URLs built here are requested: the configured base (MEDMO_DICOMWEB_URL) followed by UIDs that the
-routes validated as DICOM UIDs; nothing a client sends is ever fetched. Each call is bounded: in time
+routes validated as DICOM UIDs (or that the PACS's own search answers gave, checked the same way), and
+search keys sent as query parameters; nothing a client sends is ever fetched. Each call is bounded: in time
 (MEDMO_DICOMWEB_TIMEOUT_S, from connecting to the last byte), in retries (MEDMO_DICOMWEB_RETRIES, only when
 the PACS could not be reached or answered 502, 503 or 504), and in bytes (counted as they arrive, so a PACS
 sending too much is cut off, not buffered). Failures are exceptions that the API maps to statuses: no such
 instance (404), PACS unreachable or misbehaving (502), PACS too slow (504), not configured (503). Logs say
-which call failed and how, never a URL: URLs hold UIDs.
+which call failed and how, never a URL: URLs hold UIDs, and a search for priors the Patient ID.
 
 httpx2 (the maintained continuation of httpx, already a dependency of the Hugging Face hub client) makes
 the calls asynchronously, so a request's deadline and its client hanging up cancel them; python-multipart
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,6 +48,36 @@ WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 DICOM_JSON = "application/dicom+json"
 # A STOW-RS answer lists what was stored; far less than this.
 MAX_STORE_ANSWER_BYTES = 1024 * 1024
+# A QIDO-RS answer lists a series' instances with the fields below: about 2 KB each, so a series of a few
+# thousand slices fits; a PACS sending more is cut off rather than buffered.
+MAX_SEARCH_ANSWER_BYTES = 16 * 1024 * 1024
+# What a search asks the PACS to return besides its defaults (PS3.18 10.6.1.2.3), each in a parameter of
+# its own: Orthanc does not read a comma-separated list.
+INSTANCE_FIELDS = (
+    "SOPInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "Modality",
+    "ViewPosition",
+    "SeriesDescription",
+    "SeriesNumber",
+)
+STUDY_FIELDS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "StudyDate",
+    "StudyTime",
+    "ModalitiesInStudy",
+)
+SERIES_FIELDS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+)
 # Statuses that say "not now" (a gateway, or the PACS itself, restarting); others are final.
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 FIRST_RETRY_DELAY_S = 0.25
@@ -57,7 +90,7 @@ class PacsError(Exception):
 
 
 class PacsNotFoundError(PacsError):
-    """The PACS has no instance with these UIDs."""
+    """The PACS has no instance (or series) with these UIDs."""
 
 
 class PacsTimeoutError(PacsError):
@@ -83,6 +116,15 @@ class PacsSettings:
     timeout_s: float  # per call, connecting to the last byte
     retries: int
     max_instance_bytes: int
+
+
+@dataclass(frozen=True)
+class InstanceUids:
+    """An instance in the PACS, by the three UIDs its WADO-RS path is made of."""
+
+    study: str
+    series: str
+    instance: str
 
 
 @dataclass(frozen=True)
@@ -146,9 +188,60 @@ class Dicomweb:
 
     async def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
         """The instance's DICOM file (WADO-RS), at most `max_instance_bytes` long."""
-        url = f"{self.settings.url}/studies/{study}/series/{series}/instances/{instance}"
+        url = self._instance_url(InstanceUids(study, series, instance))
+        too_large = (
+            f"the instance in the PACS is larger than the limit of {self.settings.max_instance_bytes} bytes"
+        )
         async with self._client() as client:
-            return await self._with_retries("retrieve", lambda: self._retrieve(client, url))
+            return await self._with_retries(
+                "retrieve",
+                lambda: self._retrieve(client, url, self.settings.max_instance_bytes, too_large),
+            )
+
+    async def retrieve_instances(
+        self, instances: Sequence[InstanceUids], max_total_bytes: int
+    ) -> list[bytes]:
+        """The instances' DICOM files (WADO-RS, one after the other on one connection), at most
+        `max_total_bytes` long together: a request's images are bounded together, as uploads are."""
+        too_large = (
+            f"the {len(instances)} instances asked for in the PACS are together larger than the limit of "
+            f"{max_total_bytes} bytes"
+        )
+        files: list[bytes] = []
+        async with self._client() as client:
+            for uids in instances:
+                room = max_total_bytes - sum(map(len, files))
+                attempt = partial(self._retrieve, client, self._instance_url(uids), room, too_large)
+                files.append(await self._with_retries("retrieve", attempt))
+        return files
+
+    def _instance_url(self, uids: InstanceUids) -> str:
+        _check_uids(uids.study, uids.series, uids.instance)
+        return f"{self.settings.url}/studies/{uids.study}/series/{uids.series}/instances/{uids.instance}"
+
+    async def search_instances(self, study: str, series: str) -> list[Dataset]:
+        """The series' instances (QIDO-RS), with what choosing among them reads (`INSTANCE_FIELDS`); empty
+        when the PACS has no such series."""
+        _check_uids(study, series)
+        return await self.search(f"/studies/{study}/series/{series}/instances", {}, INSTANCE_FIELDS)
+
+    async def search_studies(self, matching: Mapping[str, str]) -> list[Dataset]:
+        """The studies whose attributes match (QIDO-RS, e.g. {"PatientID": ..., "StudyDate": "-20250311"}),
+        with their patient's identity and date (`STUDY_FIELDS`)."""
+        return await self.search("/studies", matching, STUDY_FIELDS)
+
+    async def search_series(self, study: str, matching: Mapping[str, str]) -> list[Dataset]:
+        """The study's series whose attributes match (QIDO-RS), with `SERIES_FIELDS`."""
+        _check_uids(study)
+        return await self.search(f"/studies/{study}/series", matching, SERIES_FIELDS)
+
+    async def search(self, path: str, matching: Mapping[str, str], fields: Sequence[str]) -> list[Dataset]:
+        """One QIDO-RS search below the base URL: the matches, each read as a dataset. `path` is made of
+        UIDs checked to be DICOM UIDs; the matching keys and values travel as query parameters."""
+        query = (*matching.items(), *(("includefield", field) for field in fields))
+        url = f"{self.settings.url}{path}"
+        async with self._client() as client:
+            return await self._with_retries("search", lambda: self._search(client, url, query))
 
     async def store(self, study: str, documents: Sequence[bytes]) -> list[StoredReference]:
         """Store DICOM files into a study (STOW-RS); what the PACS says it stored."""
@@ -197,7 +290,7 @@ class Dicomweb:
             await asyncio.sleep(FIRST_RETRY_DELAY_S * 2 ** (number - 1))
         raise AssertionError("unreachable: the last try returns or raises")
 
-    async def _retrieve(self, client: httpx2.AsyncClient, url: str) -> bytes:
+    async def _retrieve(self, client: httpx2.AsyncClient, url: str, max_bytes: int, too_large: str) -> bytes:
         async with client.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as response:
             if response.status_code == 404:
                 raise PacsNotFoundError("the PACS has no instance with these UIDs")
@@ -206,25 +299,64 @@ class Dicomweb:
             media_type, parameters = _media_type(response.headers.get("content-type", ""))
             if media_type != "multipart/related" or not parameters.get("boundary"):
                 raise PacsError(f"the PACS answered {media_type or 'no media type'}, not multipart/related")
-            reader = _FirstPart(parameters["boundary"], self.settings.max_instance_bytes)
+            reader = _FirstPart(parameters["boundary"], max_bytes, too_large)
             async for chunk in response.aiter_raw():
                 reader.feed(chunk)
             return reader.finish()
+
+    async def _search(
+        self, client: httpx2.AsyncClient, url: str, query: tuple[tuple[str, str], ...]
+    ) -> list[Dataset]:
+        async with client.stream("GET", url, params=query, headers={"Accept": DICOM_JSON}) as response:
+            # No content, or no such study or series (some PACSs say 404 where Orthanc lists nothing).
+            if response.status_code in (204, 404):
+                return []
+            _check_status(response, "searching")
+            _check_uncompressed(response)
+            answer = await _read_within(response, MAX_SEARCH_ANSWER_BYTES, "a search")
+        # Thousands of instances take a moment to read: off the event loop, which serves other requests.
+        return await asyncio.to_thread(_matches, answer)
 
     async def _store(
         self, client: httpx2.AsyncClient, url: str, body: bytes, headers: dict[str, str], count: int
     ) -> list[StoredReference]:
         async with client.stream("POST", url, content=body, headers=headers) as response:
             _check_uncompressed(response)
-            answer = bytearray()
-            async for chunk in response.aiter_raw():
-                answer += chunk
-                if len(answer) > MAX_STORE_ANSWER_BYTES:
-                    raise PacsError("the PACS answered the store with more than 1 MiB")
+            answer = await _read_within(response, MAX_STORE_ANSWER_BYTES, "the store")
             # 409: nothing stored; the body says why, read below.
             if response.status_code != 409:
                 _check_status(response, "storing the answer")
-        return _stored(bytes(answer), count, response.status_code)
+        return _stored(answer, count, response.status_code)
+
+
+async def _read_within(response: httpx2.Response, max_bytes: int, what: str) -> bytes:
+    """A whole answer, counted as it arrives: one longer than `max_bytes` is the PACS's failure."""
+    answer = bytearray()
+    async for chunk in response.aiter_raw():
+        answer += chunk
+        if len(answer) > max_bytes:
+            raise PacsError(f"the PACS answered {what} with more than {max_bytes // (1024 * 1024)} MiB")
+    return bytes(answer)
+
+
+def _matches(answer: bytes) -> list[Dataset]:
+    """A QIDO-RS answer (a JSON array of DICOM JSON datasets). Whatever the PACS wrote there, an answer
+    this cannot read is the PACS's failure (502), never the service's."""
+    try:
+        matches = json.loads(answer)
+        if not isinstance(matches, list) or not all(isinstance(match, dict) for match in matches):
+            raise TypeError("not an array of objects")
+        return [Dataset.from_json(match) for match in matches]
+    except Exception as exc:  # json, and pydicom raising what the JSON's shape leads it to
+        raise PacsError(
+            f"the PACS answered a search with something else than DICOM JSON ({type(exc).__name__})"
+        ) from None
+
+
+def _check_uids(*uids: str) -> None:
+    """UIDs about to be part of a URL: the routes checked theirs; these may come from the PACS's answers."""
+    if not all(map(is_uid, uids)):
+        raise PacsError("the PACS named an object by something else than a DICOM UID")
 
 
 def _check_status(response: httpx2.Response, doing: str) -> None:
@@ -256,8 +388,9 @@ def _media_type(header: str) -> tuple[str, dict[str, str]]:
 class _FirstPart:
     """The first part of a multipart/related stream, parsed as it arrives, within a byte limit."""
 
-    def __init__(self, boundary: str, max_bytes: int) -> None:
+    def __init__(self, boundary: str, max_bytes: int, too_large: str) -> None:
         self.max_bytes = max_bytes
+        self.too_large = too_large
         self.received = 0
         self.parts = 0
         self.data = bytearray()
@@ -283,9 +416,7 @@ class _FirstPart:
         self.received += len(chunk)
         # Headers and boundaries add a little to the file itself.
         if self.received > self.max_bytes + 64 * 1024:
-            raise ImageTooLargeError(
-                f"the instance in the PACS is larger than the limit of {self.max_bytes} bytes"
-            )
+            raise ImageTooLargeError(self.too_large)
         try:
             self.parser.write(chunk)
         except Exception as exc:  # python-multipart raises its own error types, and ValueError
@@ -295,9 +426,7 @@ class _FirstPart:
         if not self.ended or self.parts == 0:
             raise PacsError("the PACS's answer holds no DICOM instance")
         if len(self.data) > self.max_bytes:
-            raise ImageTooLargeError(
-                f"the instance in the PACS is larger than the limit of {self.max_bytes} bytes"
-            )
+            raise ImageTooLargeError(self.too_large)
         return bytes(self.data)
 
 

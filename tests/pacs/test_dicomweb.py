@@ -1,5 +1,6 @@
 """Tasks on images in the PACS, by UID: MedMO Serve fetches them from a real Orthanc over DICOMweb
-(WADO-RS, Orthanc's DICOMweb plugin, behind a login) and stores the answers back (STOW-RS).
+(WADO-RS, Orthanc's DICOMweb plugin, behind a login) and stores the answers back (STOW-RS); for a series, it
+lists the instances and finds the prior first (QIDO-RS).
 
 The PACS failing is tested for real too: a port nothing listens on (unreachable), a small server that
 trickles its answer (slow), the real Orthanc with a wrong password or an instance above the size limit.
@@ -11,6 +12,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,30 @@ def pacs(
         yield running
 
 
+@dataclass(frozen=True)
+class SeriesStudies:
+    """Studies of the same patient for the series routes: a 40-slice CT, and radiographs (PA and lateral)
+    with a prior. The examinations' CR (2025-03-12) is an older prior of `current` too, so the latest must
+    be chosen."""
+
+    ct: Examination
+    current: Examination
+    prior: Examination
+
+
+@pytest.fixture(scope="module")
+def series_studies(pacs: RunningOrthanc) -> SeriesStudies:
+    studies = SeriesStudies(
+        ct=ct_series(40),
+        current=cr_study(("PA", "LL"), study_date="20250610"),
+        prior=cr_study(("PA", "LL"), study_date="20250402"),
+    )
+    for examination in (studies.ct, studies.prior, studies.current):
+        for data in examination.files:
+            pacs.store(data)
+    return studies
+
+
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secrets") / "pacs-login"
@@ -83,6 +109,10 @@ def path(dataset: pydicom.Dataset, task: str) -> str:
         f"/dicomweb/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
         f"/instances/{dataset.SOPInstanceUID}/{task}"
     )
+
+
+def series_path(examination: Examination, task: str) -> str:
+    return f"/dicomweb/studies/{examination.study_uid}/series/{examination.series_uid}/{task}"
 
 
 def post(server_url: str, route: str, body: dict[str, Any]) -> httpx.Response:
@@ -168,20 +198,148 @@ def test_an_unknown_uid_is_a_404_and_a_malformed_one_a_422_in_the_error_shape(
     assert post(medmo.url, path(known, "report"), {"stream": True}).status_code == 422
 
 
+def filed_report(pacs: RunningOrthanc, study: str, stored: dict[str, Any]) -> pydicom.Dataset:
+    """The Structured Report the service says it stored, as Orthanc's REST API finds it in the study."""
+    found = httpx.post(
+        f"{pacs.url}/tools/find",
+        json={"Level": "Instance", "Query": {"StudyInstanceUID": study}, "Expand": True},
+        auth=(PACS_USER, PACS_PASSWORD),
+        timeout=30,
+    ).json()
+    (instance,) = [i for i in found if i["MainDicomTags"]["SOPInstanceUID"] == stored["sop_instance_uid"]]
+    return pydicom.dcmread(io.BytesIO(pacs.instance_file(instance["ID"])))
+
+
+def referenced(evidence: Any) -> list[str]:
+    """The SOP Instance UIDs an SR's evidence sequence references (current or other), in its order."""
+    return [
+        str(instance.ReferencedSOPInstanceUID)
+        for study in evidence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    ]
+
+
+def test_a_series_pulled_by_its_uids_is_one_request_on_evenly_spaced_slices_in_anatomical_order(
+    medmo: RunningServer, pacs: RunningOrthanc, series_studies: SeriesStudies
+) -> None:
+    ct = series_studies.ct
+    answer = post(medmo.url, series_path(ct, "report"), {"instances": 5, "store": ["sr"]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    # Slices evenly spaced by position (Instance Number counts from the top: it would choose others).
+    stack = sorted(ct.datasets, key=lambda dataset: float(dataset.ImagePositionPatient[2]))
+    chosen = [stack[index] for index in (4, 12, 20, 28, 36)]
+    assert [image["dicom"]["sop_instance_uid"] for image in body["images"]] == [
+        dataset.SOPInstanceUID for dataset in chosen
+    ]
+    # Sent from the lowest to the highest, and shown so.
+    height = {dataset.SOPInstanceUID: float(dataset.ImagePositionPatient[2]) for dataset in ct.datasets}
+    shown = sorted(body["images"], key=lambda image: image["shown_as"])
+    heights = [height[image["dicom"]["sop_instance_uid"]] for image in shown]
+    assert heights == sorted(set(heights))
+    assert [image["shown_as"] for image in body["images"]] == [1, 2, 3, 4, 5]
+    assert [image["caption"] for image in body["images"]] == [
+        f"slice {index + 1} of 40" for index in (4, 12, 20, 28, 36)
+    ]
+    assert body["prior_study_instance_uid"] is None
+
+    (stored,) = body["stored"]
+    assert stored["object"] == "sr"
+    assert stored["study_instance_uid"] == ct.study_uid
+    report = filed_report(pacs, ct.study_uid, stored)
+    assert report.StudyInstanceUID == ct.study_uid
+    assert sorted(referenced(report.CurrentRequestedProcedureEvidenceSequence)) == sorted(
+        dataset.SOPInstanceUID for dataset in chosen
+    )
+    assert "PertinentOtherEvidenceSequence" not in report
+
+
+def test_with_prior_the_latest_earlier_study_is_pulled_too_captioned_and_referenced_as_other_evidence(
+    medmo: RunningServer,
+    pacs: RunningOrthanc,
+    series_studies: SeriesStudies,
+    examinations: tuple[Examination, Examination],
+) -> None:
+    current, prior = series_studies.current, series_studies.prior
+    answer = post(medmo.url, series_path(current, "report"), {"prior": True, "store": ["sr"]})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    # Of the two earlier radiograph studies (2025-03-12, 2025-04-02), the later; every view of each.
+    assert body["prior_study_instance_uid"] == prior.study_uid
+    assert [image["dicom"]["sop_instance_uid"] for image in body["images"]] == [
+        dataset.SOPInstanceUID for dataset in (*current.datasets, *prior.datasets)
+    ]
+    assert [image["caption"] for image in body["images"]] == [
+        "current, 2025-06-10, PA",
+        "current, 2025-06-10, LL",
+        "prior, 2025-04-02, PA",
+        "prior, 2025-04-02, LL",
+    ]
+    assert [image["shown_as"] for image in body["images"]] == [1, 2, 3, 4]
+
+    (stored,) = body["stored"]
+    report = filed_report(pacs, current.study_uid, stored)
+    assert report.StudyInstanceUID == current.study_uid
+    assert referenced(report.CurrentRequestedProcedureEvidenceSequence) == [
+        dataset.SOPInstanceUID for dataset in current.datasets
+    ]
+    assert sorted(referenced(report.PertinentOtherEvidenceSequence)) == sorted(
+        dataset.SOPInstanceUID for dataset in prior.datasets
+    )
+
+    # The examinations' radiograph is the patient's first: asked for a prior, it runs alone, uncaptioned
+    # by date.
+    _, first = examinations
+    alone = post(medmo.url, series_path(first, "vqa"), {"question": "Any change?", "prior": True})
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["prior_study_instance_uid"] is None
+    assert [image["caption"] for image in alone.json()["images"]] == ["PA"]
+
+
+def test_all_is_at_most_the_images_a_request_holds_and_more_are_refused_as_documented(
+    medmo: RunningServer, series_studies: SeriesStudies
+) -> None:
+    ct = series_studies.ct
+    # MEDMO_MAX_IMAGES is 8: all of forty slices is eight of them, evenly spaced.
+    every = post(medmo.url, series_path(ct, "vqa"), {"question": "Any nodule?", "instances": "all"})
+    assert every.status_code == 200, every.text
+    assert [image["caption"] for image in every.json()["images"]] == [
+        f"slice {index + 1} of 40" for index in (2, 7, 12, 17, 22, 27, 32, 37)
+    ]
+
+    def refused(route: str, body: dict[str, Any]) -> tuple[int, str]:
+        answer = post(medmo.url, route, body)
+        assert set(answer.json()["error"]) == {"code", "message", "request_id"}
+        return answer.status_code, answer.json()["error"]["code"]
+
+    unknown = f"/dicomweb/studies/{ct.study_uid}/series/1.2.3.4/report"
+    assert refused(unknown, {}) == (404, "not_found")
+    assert refused(f"/dicomweb/studies/{ct.study_uid}/series/1.02.3/report", {}) == (422, "invalid_request")
+    assert refused(series_path(ct, "report"), {"instances": 9}) == (413, "too_many_images")
+    for body in ({"instances": 0}, {"instances": "5"}, {"instances": "every"}, {"stream": True}):
+        assert refused(series_path(ct, "report"), body) == (422, "invalid_request"), body
+    # /ground takes no prior: a presentation state cannot span a study and its prior.
+    assert refused(series_path(ct, "ground"), {"target": "nodule", "prior": True}) == (422, "invalid_request")
+
+
 def test_the_service_log_holds_no_patient_data_and_no_uid(
-    medmo: RunningServer, examinations: tuple[Examination, Examination]
+    medmo: RunningServer, examinations: tuple[Examination, Examination], series_studies: SeriesStudies
 ) -> None:
     ct, cr = examinations
-    # After the calls above (and one more failing at the PACS): the debug log of all of them.
+    # After the calls above (and one more failing at the PACS): the debug log of all of them, series and
+    # prior searches included.
     post(medmo.url, path(ct.datasets[1], "ground"), {"store": ["sr"]})
     log = medmo.log()
     assert '"path": "/dicomweb/studies/{study_instance_uid}' in log
+    assert '"path": "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/report"' in log
     for value in (PATIENT_NAME, PATIENT_ID, str(ct.datasets[0].AccessionNumber), PACS_PASSWORD):
         assert value not in log
-    for examination in (ct, cr):
+    for examination in (ct, cr, series_studies.ct, series_studies.current, series_studies.prior):
         for dataset in examination.datasets:
             assert dataset.SOPInstanceUID not in log
         assert examination.study_uid not in log
+        assert examination.series_uid not in log
 
 
 # --- the PACS failing: in-process apps sharing one loaded model, each configured for its PACS ---
@@ -206,6 +364,10 @@ def test_without_a_configured_pacs_the_routes_answer_503(
     answer, _ = pull(runtime, examinations[0].datasets[0])
     assert answer.status_code == 503
     assert answer.json()["error"]["code"] == "dicomweb_not_configured"
+    with TestClient(create_app(Settings(model="unused"), runtime=runtime)) as client:
+        series = client.post(series_path(examinations[0], "report"), json={"prior": True})
+    assert series.status_code == 503
+    assert series.json()["error"]["code"] == "dicomweb_not_configured"
 
 
 def test_an_unreachable_pacs_is_a_502_after_its_retries(
@@ -254,6 +416,28 @@ def test_an_instance_above_the_size_limit_is_a_413(
     )
     assert answer.status_code == 413
     assert answer.json()["error"]["code"] == "image_too_large"
+
+
+def test_instances_above_the_size_limit_together_are_a_413_though_each_is_below_it(
+    runtime: Any, pacs: RunningOrthanc, credentials: Path, series_studies: SeriesStudies
+) -> None:
+    # Each 64x64 16-bit slice is a little over 8 KiB: five of them are over the 20 000 bytes allowed.
+    app = create_app(
+        Settings(
+            model="unused",
+            dicomweb_url=f"{pacs.url}/dicom-web",
+            dicomweb_credentials_file=credentials,
+            max_upload_bytes=20_000,
+        ),
+        runtime=runtime,
+    )
+    with TestClient(app) as client:
+        one = client.post(series_path(series_studies.ct, "report"), json={"instances": 1})
+        five = client.post(series_path(series_studies.ct, "report"), json={"instances": 5})
+    assert one.status_code == 200, one.text
+    assert five.status_code == 413
+    assert five.json()["error"]["code"] == "image_too_large"
+    assert "together" in five.json()["error"]["message"]
 
 
 class Trickle(BaseHTTPRequestHandler):
