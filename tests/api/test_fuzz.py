@@ -48,14 +48,16 @@ def test_no_server_errors_and_responses_match_the_schema(
     exchange()
 
 
-DICOMWEB = "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}/"
+SERIES = "/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/"
+INSTANCE = SERIES + "instances/{sop_instance_uid}/"
 
 
+@pytest.mark.parametrize("level", [INSTANCE, SERIES])
 @pytest.mark.parametrize("task", ["vqa", "report", "ground"])
 def test_dicomweb_routes_without_a_pacs_answer_as_documented(
-    live_schema: schemathesis.BaseSchema, live_server: RunningServer, task: str
+    live_schema: schemathesis.BaseSchema, live_server: RunningServer, level: str, task: str
 ) -> None:
-    operation = live_schema[DICOMWEB + task]["POST"]
+    operation = live_schema[level + task]["POST"]
 
     @given(case=operation.as_strategy())
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
