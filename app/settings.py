@@ -80,6 +80,14 @@ class _Settings(BaseSettings):
         ge=1024,
         description="Largest decoded image area; more is treated as a decompression bomb.",
     )
+    max_prompt_chars: int = Field(
+        20_000,
+        ge=100,
+        le=1_000_000,
+        description="Most characters of client text one request puts in the prompt (fields, captions, chat "
+        "messages together); more get 422 before anything is tokenized.",
+    )
+    max_messages: int = Field(64, ge=1, le=10_000, description="Most messages in one chat conversation.")
     max_images: int = Field(
         8,
         ge=1,
@@ -162,6 +170,18 @@ class _Settings(BaseSettings):
         None, description="File with one API key per line ('#' comments); re-read when it changes."
     )
     metrics_require_key: bool = Field(False, description="Require an API key for /metrics too.")
+
+    # --- browsers ---
+    allowed_hosts: str | None = Field(
+        None,
+        description="Comma-separated host names the service answers to (the Host header; '*.example.org' "
+        "for subdomains); others get 400. Unset: any host.",
+    )
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins (https://viewer.example.org) whose pages may call the service from "
+        "a browser. Unset: none, so a page elsewhere cannot read an answer or send a key.",
+    )
 
     # --- the PACS, over DICOMweb (the /dicomweb/... routes) ---
     dicomweb_url: str | None = Field(
