@@ -16,6 +16,7 @@ from app.engine.runtime import Runtime
 from app.metrics import Metrics
 from app.settings import Settings
 from app.startup.progress import StartupProgress
+from app.text.fence import TextFence
 
 
 @dataclass
@@ -61,6 +62,10 @@ class Running:
     runtime: Runtime
     engine: Engine
     prepare_pool: ThreadPoolExecutor
+
+    @property
+    def text_fence(self) -> TextFence:
+        return TextFence(self.runtime.control_tokens, self.service.settings.max_prompt_chars)
 
 
 def get_running(request: Request) -> Running:

@@ -35,7 +35,16 @@ from app.api.deps import get_running
 from app.api.errors import ApiError, describe_validation_errors
 from app.api.middleware import request_record
 from app.api.openapi import TASK_ERROR_RESPONSES
-from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
+from app.api.pipeline import (
+    ImageUpload,
+    Submitted,
+    client_texts,
+    collect,
+    deadline,
+    in_pool,
+    submit,
+    upload_limits,
+)
 from app.api.tasks import (
     RequestId,
     RequestTimeout,
@@ -253,6 +262,7 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 body = await read_body(request, body_model, settings)
                 store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
                 fields: TaskFields = task.fields.model_validate(body.model_dump(exclude={"store"}))
+                running.text_fence.check(client_texts(fields))
                 uids = InstanceUids(study_instance_uid, series_instance_uid, sop_instance_uid)
                 dicom = await pacs.retrieve_instance(uids.study, uids.series, uids.instance)
             convention = settings.box_convention
@@ -302,6 +312,7 @@ def dicomweb_series_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[An
                 fields: TaskFields = task.fields.model_validate(
                     body.model_dump(exclude={"store", "instances", "prior"})
                 )
+                running.text_fence.check(client_texts(fields))
                 pulled = await pull_series(
                     pacs, settings, study_instance_uid, series_instance_uid, asked, with_prior=with_prior
                 )

@@ -36,6 +36,7 @@ from app.imaging import (
 from app.outputs.dicom_sr import ReportSourceError
 from app.pacs.dicomweb import PacsError, PacsNotConfiguredError, PacsNotFoundError, PacsTimeoutError
 from app.schemas import ErrorResponse
+from app.text.fence import TextRefusedError
 
 logger = logging.getLogger("medmo.api")
 
@@ -59,6 +60,7 @@ _STATUS_BY_TYPE: list[tuple[type[Exception], int, str]] = [
     (UnusableImageError, 422, "unusable_image"),
     (ImageError, 400, "bad_image"),
     (ReportSourceError, 422, "incomplete_report_source"),
+    (TextRefusedError, 422, "invalid_text"),
     (ContextTooLongError, 422, "context_too_long"),
     (QueueFullError, 429, "overloaded"),
     (NotAcceptingError, 503, "unavailable"),

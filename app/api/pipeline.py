@@ -24,6 +24,7 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from app.api.deps import Running, get_running
 from app.api.errors import ApiError
@@ -223,6 +224,14 @@ async def submit(
         raise
     captions = [upload.caption for upload in uploads]
     return Submitted(running, record, arrived, images, captions, order, generating)
+
+
+def client_texts(fields: BaseModel, captions: Sequence[str | None] = ()) -> list[tuple[str, str]]:
+    """A request's texts, named as the client named them, for the text fence (`Running.text_fence`): its
+    string fields and its images' captions."""
+    texts = [(name, value) for name, value in fields if isinstance(value, str)]
+    texts += [(f"caption {number}", caption) for number, caption in enumerate(captions, start=1) if caption]
+    return texts
 
 
 def prepare(running: Running, query: Query, options: GenerationOptions, *, bounded: bool) -> PreparedRequest:

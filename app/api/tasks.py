@@ -17,7 +17,16 @@ from app.api.errors import ApiError
 from app.api.middleware import request_record
 from app.api.negotiation import DICOM, IMAGES, Representation, representation
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
-from app.api.pipeline import ImageUpload, Submitted, collect, deadline, in_pool, submit, upload_limits
+from app.api.pipeline import (
+    ImageUpload,
+    Submitted,
+    client_texts,
+    collect,
+    deadline,
+    in_pool,
+    submit,
+    upload_limits,
+)
 from app.api.streaming import TextStream, event_stream, task_events
 from app.api.uploads import UploadedImage, read_task_upload
 from app.conversation import Captioned
@@ -91,6 +100,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             with running.service.uploads.take():
                 upload = await read_task_upload(request, task.fields, upload_limits(settings))
             fields: TaskFields = upload.fields
+            running.text_fence.check(client_texts(fields, [image.caption for image in upload.images]))
             streaming = wanted == "events" or bool(fields.stream)
             if streaming and wanted not in ("events", "json"):
                 raise ApiError(406, "not_acceptable", "only JSON answers stream: leave out stream")

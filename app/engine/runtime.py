@@ -50,6 +50,7 @@ class Runtime(Protocol):
     description: RuntimeDescription
     model: Any  # the transformers model, for engines that drive its forward passes themselves
     eos_token_ids: frozenset[int]
+    control_tokens: frozenset[str]  # the tokenizer's special tokens, which client text may not carry
 
     def prepare(
         self, conversation: Conversation, options: GenerationOptions, *, max_pixels: int | None = None
@@ -210,6 +211,14 @@ class ModelRuntime:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        # Those that open turns and stand for images among them (<|im_start|>, <|image_pad|>, ...): every
+        # added token marked special, and the named special tokens.
+        self.control_tokens = frozenset(
+            [
+                *tokenizer.all_special_tokens,
+                *(token.content for token in tokenizer.added_tokens_decoder.values() if token.special),
+            ]
+        )
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"): encoding
         # changes their state. Decoding does not, so it has a copy of its own, free of the lock, for the
         # event loop (streamed text) and the engines' threads.

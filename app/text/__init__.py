@@ -1,0 +1,1 @@
+"""Client text on its way to the prompt."""
