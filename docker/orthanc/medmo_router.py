@@ -1,8 +1,11 @@
 """Orthanc's Python plugin script ("PythonScript"): stable series are routed to MedMO Serve.
 
 The glue between Orthanc and the router (`medmo_senders.py`, its queue in `medmo_queue.py`, its rules in
-`medmo_routing.py`, all in this folder, which the plugin puts on Python's path): Orthanc's events go in, its REST API and log are handed
-over. `GET /medmo/queue` on Orthanc's own REST API (behind its login) says what is queued.
+`medmo_routing.py`, all in this folder, which the plugin puts on Python's path): Orthanc's events go in,
+its REST API and log are handed over. Each complete series becomes one request per task to MedMO Serve,
+holding its chosen images (and, with "Prior", those of the patient's latest earlier study), answered by
+one DICOM object filed in its study. `GET /medmo/queue` on Orthanc's own REST API (behind its login)
+says what is queued.
 
 Why a Python plugin and not a Lua script: Orthanc 1.10's Lua has no timer (no OnHeartBeat) and its
 HttpPost() hides the HTTP status and headers (nil for a 429 as for a refused connection, "" for a 503 as
@@ -36,6 +39,9 @@ class PluginOrthanc:
             if error.args and error.args[0] == orthanc.ErrorCode.UNKNOWN_RESOURCE:
                 raise ResourceGoneError(uri) from None
             raise
+
+    def post_json(self, uri: str, body: Any) -> Any:
+        return json.loads(bytes(orthanc.RestApiPost(uri, json.dumps(body))))
 
     def store(self, dicom: bytes) -> str:
         # Through the REST API, like an upload: the answer is filed under its own study, the source's.
