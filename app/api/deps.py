@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -9,7 +10,7 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.api.keys import ApiKeys
-from app.api.uploads import UploadSlots
+from app.api.uploads import Slots
 from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
 from app.engine.runtime import Runtime
@@ -28,12 +29,20 @@ class Service:
     engine: Engine | None = None
     prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
-    uploads: UploadSlots = field(init=False)
+    uploads: Slots = field(init=False)  # counted apart from the queue for the model
+    # Previews take places in the queue and decode on the preparation threads, as tasks do: at most half of
+    # either, so that a flood of previews never leaves a request for the model without room.
+    previews: Slots = field(init=False)
+    preview_decodes: asyncio.Semaphore = field(init=False)
     # The phase a start is in (downloading, loading, warming up), for /readyz.
     startup: StartupProgress = field(init=False)
 
     def __post_init__(self) -> None:
-        self.uploads = UploadSlots(self.settings.max_uploads, self.metrics)
+        self.uploads = Slots(
+            self.settings.max_uploads, self.metrics, what="uploads", gauge=self.metrics.uploads_in_progress
+        )
+        self.previews = Slots(max(1, self.settings.max_queue // 2), self.metrics, what="previews")
+        self.preview_decodes = asyncio.Semaphore(max(1, self.settings.prepare_workers // 2))
         self.startup = StartupProgress(interval_s=self.settings.progress_interval_s)
 
     def options(self, task: str, requested: int | None = None) -> GenerationOptions:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from prometheus_client import Gauge
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -59,31 +60,37 @@ class UploadLimits:
     max_images: int = 1
 
 
-class UploadSlots:
-    """A bound on uploads in progress, counted apart from the queue for the model."""
+class Slots:
+    """A bound on work of one kind in progress (uploads, previews), refused with 429 past it."""
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
+    def __init__(self, limit: int, metrics: Metrics, *, what: str, gauge: Gauge | None = None) -> None:
         self.limit = limit
         self.in_progress = 0
+        self.what = what
         self._metrics = metrics
+        self._gauge = gauge
 
     @contextmanager
     def take(self) -> Iterator[None]:
         if self.in_progress >= self.limit:
-            self._metrics.rejections.labels(reason="uploads_full").inc()
+            self._metrics.rejections.labels(reason=f"{self.what}_full").inc()
             raise ApiError(
                 429,
                 "overloaded",
-                "too many uploads are in progress; retry later",
+                f"too many {self.what} are in progress; retry later",
                 headers={"Retry-After": "1"},
             )
         self.in_progress += 1
-        self._metrics.uploads_in_progress.set(self.in_progress)
+        self._count()
         try:
             yield
         finally:
             self.in_progress -= 1
-            self._metrics.uploads_in_progress.set(self.in_progress)
+            self._count()
+
+    def _count(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.in_progress)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,11 @@ from starlette.staticfiles import StaticFiles
 
 from app.api.auth import require_api_key
 from app.api.deps import get_running
+from app.api.middleware import request_record
 from app.api.negotiation import PNG
 from app.api.openapi import TASK_ERROR_RESPONSES, upload_request_body
-from app.api.pipeline import ImageUpload, decode_uploads, in_pool, upload_limits
+from app.api.pipeline import ImageUpload, deadline, decode_uploads, in_pool, upload_limits
+from app.api.tasks import RequestTimeout
 from app.api.uploads import read_task_upload
 from app.outputs import overlay
 from app.schemas import ImageFields
@@ -47,27 +49,36 @@ async def page() -> HTMLResponse:
     dependencies=[Depends(require_api_key)],
     response_class=Response,
     responses={
-        **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 408, 413, 415, 422, 429)},
+        **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 408, 413, 415, 422, 429, 503, 504)},
         200: {"content": {PNG: {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG."},
     },
     openapi_extra=upload_request_body(PreviewFields),
     summary="The image as the service displays it (PNG), without running the model",
 )
-async def preview(request: Request) -> Response:
+async def preview(request: Request, x_request_timeout: RequestTimeout = None) -> Response:
+    """Decoding an upload is expensive work, so a preview comes in by the door a task does: refused at
+    once when the queue is full or the service drains, a place in the queue while it decodes (counted in
+    medmo_queue_depth, waited for by a drain), the request's deadline, and the same pixel limits. Previews
+    hold at most half the queue's places and half the preparation threads: the rest stay for the model."""
+    request_record(request).task = "preview"
     running = get_running(request)
     settings = running.service.settings
-    with running.service.uploads.take():
-        upload = await read_task_upload(
-            request, PreviewFields, replace(upload_limits(settings), max_images=1)
-        )
-    (sent,) = upload.images
-    (image,) = await decode_uploads(
-        request,
-        running.prepare_pool,
-        [ImageUpload(sent.data, frame=upload.fields.frame, window=upload.fields.window)],
-        settings,
-    )
-    picture = await in_pool(running.prepare_pool, lambda: overlay.encode(image.picture, PNG))
+    running.engine.check_admission()
+    async with deadline(request, x_request_timeout):
+        with running.service.uploads.take():
+            upload = await read_task_upload(
+                request, PreviewFields, replace(upload_limits(settings), max_images=1)
+            )
+        (sent,) = upload.images
+        with running.service.previews.take(), running.engine.admit():
+            async with running.service.preview_decodes:
+                (image,) = await decode_uploads(
+                    request,
+                    running.prepare_pool,
+                    [ImageUpload(sent.data, frame=upload.fields.frame, window=upload.fields.window)],
+                    settings,
+                )
+                picture = await in_pool(running.prepare_pool, lambda: overlay.encode(image.picture, PNG))
     return Response(picture, media_type=PNG)
 
 
