@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx2
 from pydicom import Dataset
@@ -81,6 +82,7 @@ SERIES_FIELDS = (
 # Statuses that say "not now" (a gateway, or the PACS itself, restarting); others are final.
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 FIRST_RETRY_DELAY_S = 0.25
+MAX_URL_CHARS = 2048
 
 T = TypeVar("T")
 
@@ -279,11 +281,12 @@ class Dicomweb:
                     f"the PACS did not answer within {self.settings.timeout_s:g} s"
                 ) from None
             except (httpx2.TransportError, _TryAgainError) as exc:  # ConnectTimeout included
-                failure = (
-                    exc.final
-                    if isinstance(exc, _TryAgainError)
-                    else PacsError("the PACS could not be reached")
-                )
+                if isinstance(exc, _TryAgainError):
+                    failure = exc.final
+                elif isinstance(exc, httpx2.RemoteProtocolError):  # it answered, but not in HTTP
+                    failure = PacsError("the PACS answered with a malformed HTTP response")
+                else:
+                    failure = PacsError("the PACS could not be reached")
                 logger.warning("DICOMweb %s: %s (try %d of %d)", call, failure, number, tries)
                 if number == tries:
                     raise failure from None
@@ -297,8 +300,12 @@ class Dicomweb:
             _check_status(response, "retrieving the instance")
             _check_uncompressed(response)
             media_type, parameters = _media_type(response.headers.get("content-type", ""))
-            if media_type != "multipart/related" or not parameters.get("boundary"):
-                raise PacsError(f"the PACS answered {media_type or 'no media type'}, not multipart/related")
+            if media_type != "multipart/related":
+                raise PacsError(
+                    f"the PACS answered {media_type[:64] or 'no media type'}, not multipart/related"
+                )
+            if not parameters.get("boundary"):
+                raise PacsError("the PACS answered multipart/related without a boundary")
             reader = _FirstPart(parameters["boundary"], max_bytes, too_large)
             async for chunk in response.aiter_raw():
                 reader.feed(chunk)
@@ -425,6 +432,8 @@ class _FirstPart:
     def finish(self) -> bytes:
         if not self.ended or self.parts == 0:
             raise PacsError("the PACS's answer holds no DICOM instance")
+        if not self.data:
+            raise PacsError("the PACS's answer holds an empty instance")
         if len(self.data) > self.max_bytes:
             raise ImageTooLargeError(self.too_large)
         return bytes(self.data)
@@ -455,13 +464,21 @@ def _confirmed(dataset: Dataset, count: int, status: int) -> list[StoredReferenc
         StoredReference(
             sop_class_uid=str(item.get("ReferencedSOPClassUID", "")),
             sop_instance_uid=str(item.get("ReferencedSOPInstanceUID", "")),
-            retrieve_url=str(item.RetrieveURL) if item.get("RetrieveURL") else None,
+            retrieve_url=_web_address(item.get("RetrieveURL")),
         )
         for item in dataset.get("ReferencedSOPSequence", [])
     ]
     if len(stored) != count:
         raise PacsError(f"the PACS confirmed {len(stored)} of the {count} objects stored")
     return stored
+
+
+def _web_address(value: object) -> str | None:
+    """The PACS's retrieve URL as it wrote it, if it is an http(s) address: it is handed to clients, which
+    may open it (a javascript: or file: "URL" is not passed on)."""
+    address = str(value or "").strip()
+    scheme = urlsplit(address).scheme.lower() if address else ""
+    return address if scheme in ("http", "https") and len(address) <= MAX_URL_CHARS else None
 
 
 def is_uid(value: str) -> bool:

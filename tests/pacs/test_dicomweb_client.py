@@ -485,3 +485,90 @@ async def test_without_an_exact_patient_id_no_prior_is_searched_for(scripted_pac
     scripted_pacs.answer_search(study("1.2.3", "20250610", patient="P-*"))
     assert await prior_of(pacs, current) is None
     assert len(scripted_pacs.asked) == 2  # the series, and the study's own search: none by patient
+
+
+RETRIEVE_ANSWERS = {
+    "an empty first part": (
+        200,
+        'multipart/related; type="application/dicom"; boundary=b',
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n\r\n--b--\r\n",
+        "holds an empty instance",
+    ),
+    "an empty boundary": (
+        200,
+        'multipart/related; type="application/dicom"; boundary=""',
+        b"--\r\n\r\nx\r\n----\r\n",
+        "multipart/related without a boundary",
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(RETRIEVE_ANSWERS))
+async def test_a_retrieve_answer_that_holds_no_instance_is_the_pacss_failure(
+    scripted_pacs: ScriptedPacs, answer: str
+) -> None:
+    status, content_type, body, says = RETRIEVE_ANSWERS[answer]
+    scripted_pacs.answers.append((status, content_type, body))
+    with pytest.raises(PacsError, match=says) as failed:
+        await scripted_pacs.client().retrieve_instance("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert status_and_code(failed.value) == (502, "pacs_error")
+
+
+async def test_an_answer_with_ten_thousand_headers_is_malformed_not_unreachable() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            for number in range(10_000):
+                self.send_header(f"X-Filler-{number}", "x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server.RequestHandlerClass = Handler
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pacs = ScriptedPacs(f"http://127.0.0.1:{server.server_address[1]}/dicom-web").client()
+        with pytest.raises(PacsError, match="malformed HTTP response"):
+            await pacs.retrieve_instance("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("written", "passed_on"),
+    [
+        ("http://pacs/dicom-web/studies/1.2", "http://pacs/dicom-web/studies/1.2"),
+        ("HTTPS://pacs/studies/1.2", "HTTPS://pacs/studies/1.2"),
+        ("javascript:alert(document.cookie)", None),
+        ("file:///etc/passwd", None),
+        ("//pacs/studies/1.2", None),
+        ("http://pacs/" + "a" * 3000, None),
+    ],
+)
+async def test_only_a_web_address_is_passed_on_as_where_an_answer_can_be_retrieved(
+    scripted: tuple[str, list[tuple[int, bytes]]], written: str, passed_on: str | None
+) -> None:
+    url, script = scripted
+    stored = {
+        "00081199": {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": [SR]},
+                    "00081155": {"vr": "UI", "Value": ["1.2.3.9"]},
+                    "00081190": {"vr": "UR", "Value": [written]},
+                }
+            ],
+        }
+    }
+    script.append((200, json.dumps(stored).encode()))
+    pacs = Dicomweb(
+        PacsSettings(url=url, credentials_file=None, timeout_s=5, retries=0, max_instance_bytes=1 << 20)
+    )
+    (reference,) = await pacs.store("1.2.3", [b"\0" * 132])
+    assert reference.retrieve_url == passed_on
