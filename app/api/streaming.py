@@ -22,6 +22,8 @@ from app.api.pipeline import Generating, Submitted
 from app.engine.detokenizer import Detokenizer
 from app.engine.protocol import Completed, TokenDelta
 
+# nginx's status for a client that closed the connection before the answer ended.
+CLIENT_GONE = 499
 # Proxies (nginx and others) buffer responses unless told not to; a buffered stream arrives all at once.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -98,6 +100,7 @@ async def task_events(
     the image its text is about (`image_index`).
     """
     submitted = streams[0].submitted
+    ended = False
     try:
         if len(streams) == 1:
             async for text in streams[0].deltas():
@@ -107,13 +110,25 @@ async def task_events(
                 yield sse("delta", {"text": text, "image_index": stream.generating.query.images[0]})
         completed = [stream.completed for stream in streams]
         assert all(c is not None for c in completed)
+        ended = True
         yield sse("result", result([c for c in completed if c is not None]))
     except Exception as exc:
+        ended = True
         failure: Failure = classify(exc)
         submitted.record.status = failure.status  # the log says how it ended, not the 200 it began as
         yield sse("error", failure.body(submitted.record.request_id))
     finally:
+        if not ended:
+            abandoned(streams)
         await submitted.aclose()
+
+
+def abandoned(streams: list[TextStream]) -> None:
+    """A client that went away mid-answer: its access line says so (499, not the 200 the stream began as),
+    and the tokens the model wrote for it count among those generated."""
+    submitted = streams[0].submitted
+    submitted.record.status = CLIENT_GONE
+    submitted.ended_early(sum(stream.tokens for stream in streams), streams[0].route)
 
 
 async def side_by_side(streams: list[TextStream]) -> AsyncIterator[tuple[TextStream, str]]:

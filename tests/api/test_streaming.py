@@ -158,11 +158,12 @@ def stream_report(
     return arrivals
 
 
-def metric(server: RunningServer, name: str) -> float:
+def metric(server: RunningServer, name: str, default: float | None = None) -> float:
     for line in httpx.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
-    raise AssertionError(f"{name} is not exported")
+    assert default is not None, f"{name} is not exported"
+    return default  # a labelled counter appears with its first count
 
 
 def wait_for(server: RunningServer, name: str, value: float) -> None:
@@ -183,6 +184,7 @@ def test_text_arrives_as_it_is_written(slow_server: RunningServer) -> None:
 
 def test_a_client_that_hangs_up_mid_stream_stops_its_generation(slow_server: RunningServer) -> None:
     steps_before = metric(slow_server, "medmo_decode_step_seconds_count")
+    tokens_before = metric(slow_server, 'medmo_generated_tokens_total{task="report"}', default=0)
     with httpx.Client(timeout=120) as client:
         stream_report(slow_server, client, deltas_to_read=5)
     deadline = time.monotonic() + 10
@@ -191,6 +193,11 @@ def test_a_client_that_hangs_up_mid_stream_stops_its_generation(slow_server: Run
         time.sleep(0.05)
     steps = metric(slow_server, "medmo_decode_step_seconds_count") - steps_before
     assert steps < 100, f"{steps} decode steps for a client that left after 5 deltas of 600"
+    # Its access line says it was abandoned, and the tokens written for it were counted.
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in slow_server.log().splitlines() if '"logger": "medmo.access"' in line]
+    assert [line for line in lines if line["path"] == "/report"][-1]["status"] == 499
+    assert 5 <= metric(slow_server, 'medmo_generated_tokens_total{task="report"}') - tokens_before < 100
     # The one slot and the one queue place are free again: a new request is served.
     with httpx.Client(timeout=120) as client:
         response = client.post(
