@@ -15,8 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.api import chat, chat_models, dicomweb, ops, tasks, viewer
+from app.api.browsers import install_browser_protections
 from app.api.deps import Service
-from app.api.docs import install_docs
+from app.api.docs import ASSETS_URL, install_docs
 from app.api.errors import install_error_handlers
 from app.api.keys import ApiKeys
 from app.api.middleware import RequestContextMiddleware
@@ -75,6 +76,7 @@ def create_app(
     app.include_router(ops.probes)
     app.include_router(ops.router)
     install_docs(app)
+    install_browser_protections(app, settings, cacheable_paths=(viewer.ASSETS_PATH, ASSETS_URL))
     app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
     app.add_middleware(StartupFailureReporter, service=service)
     return app

@@ -253,6 +253,17 @@ class _Settings(BaseSettings):
             check_keys(value.get_secret_value().split(","))
         return value
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: str | None) -> str | None:
+        # Starlette's TrustedHostMiddleware takes names, and a leading "*." for subdomains only.
+        if value is None:
+            return None
+        for host in (part.strip() for part in value.split(",")):
+            if not host or ("*" in host and not (host.startswith("*.") and "*" not in host[2:])):
+                raise ValueError(f"{host[:64]!r} is not a host name, or *.name for its subdomains")
+        return value
+
     @field_validator("dicomweb_url")
     @classmethod
     def _dicomweb_base(cls, value: str | None) -> str | None:

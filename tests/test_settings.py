@@ -36,6 +36,8 @@ def test_environment_variables_use_the_medmo_prefix(monkeypatch: pytest.MonkeyPa
         ({"min_pixels": 10**7, "max_pixels": 10**6}, "MEDMO_MIN_PIXELS"),
         ({"max_wait_ms": 5000, "request_timeout_s": 2}, "MEDMO_MAX_WAIT_MS"),
         ({"max_queue": 4, "max_images": 8}, "MEDMO_MAX_QUEUE (4) is smaller than MEDMO_MAX_IMAGES"),
+        ({"allowed_hosts": "medmo.example.org,foo*.bar"}, "MEDMO_ALLOWED_HOSTS"),
+        ({"allowed_hosts": "medmo.example.org,,"}, "MEDMO_ALLOWED_HOSTS"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(values: dict[str, object], mentions: str) -> None:

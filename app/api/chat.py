@@ -63,9 +63,10 @@ CHAT_ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Invalid or unsupported request.",
         401: "A valid API key is required.",
+        403: "Sent from a page on another origin than the service's own or MEDMO_CORS_ORIGINS.",
         404: "No such model.",
         413: "Body or image larger than allowed.",
-        415: "Image format not supported.",
+        415: "Content-Type not application/json, or image format not supported.",
         422: "Invalid field or an image the model cannot use.",
         429: "Queue full; retry after Retry-After seconds.",
         503: "Not ready, shutting down, or the inference worker stopped.",
@@ -111,6 +112,9 @@ async def create_chat_completion(
     x_request_timeout: Annotated[float | None, Header(alias="X-Request-Timeout", ge=1, le=86_400)] = None,
 ) -> Response:
     arrived = time.monotonic()
+    # Before anything else: a text/plain body is what a page on another site can send without asking.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the request as application/json")
     running = get_running(request)
     running.engine.check_admission()
     async with deadline(request, x_request_timeout) as deadline_s:

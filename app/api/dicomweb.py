@@ -501,7 +501,7 @@ async def store_answers(
 
 
 DICOMWEB_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 408, 413, 415, 422, 429, 500)},
+    **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 403, 408, 413, 415, 422, 429, 500)},
     404: {"model": ErrorResponse, "description": "The PACS has no instance with these UIDs."},
     502: {
         "model": ErrorResponse,

@@ -92,6 +92,10 @@ _IMAGES_JSON = {
 TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Unreadable image or malformed body."},
     401: {"model": ErrorResponse, "description": "A valid API key is required."},
+    403: {
+        "model": ErrorResponse,
+        "description": "Sent from a page on another origin than the service's own or MEDMO_CORS_ORIGINS.",
+    },
     408: {"model": ErrorResponse, "description": "The body did not arrive within the upload timeout."},
     413: {"model": ErrorResponse, "description": "Body, image file or decoded image larger than allowed."},
     406: {
@@ -99,7 +103,11 @@ TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Accept names no representation this route gives (a picture from a route that draws "
         "nothing, say), or DICOM for a non-DICOM image.",
     },
-    415: {"model": ErrorResponse, "description": "Unsupported media type or image format."},
+    415: {
+        "model": ErrorResponse,
+        "description": "Content-Type not one of the request body's documented media types, or an image "
+        "format not supported.",
+    },
     422: {
         "model": ErrorResponse,
         "description": "Missing or invalid field, or an image the model cannot use.",

@@ -49,7 +49,10 @@ async def page() -> HTMLResponse:
     dependencies=[Depends(require_api_key)],
     response_class=Response,
     responses={
-        **{status: TASK_ERROR_RESPONSES[status] for status in (400, 401, 408, 413, 415, 422, 429, 503, 504)},
+        **{
+            status: TASK_ERROR_RESPONSES[status]
+            for status in (400, 401, 403, 408, 413, 415, 422, 429, 503, 504)
+        },
         200: {"content": {PNG: {"schema": {"type": "string", "format": "binary"}}}, "description": "PNG."},
     },
     openapi_extra=upload_request_body(PreviewFields),

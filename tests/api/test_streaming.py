@@ -195,7 +195,9 @@ def test_a_client_that_hangs_up_mid_stream_stops_its_generation(slow_server: Run
     assert steps < 100, f"{steps} decode steps for a client that left after 5 deltas of 600"
     # Its access line says it was abandoned, and the tokens written for it were counted.
     time.sleep(0.2)
-    lines = [json.loads(line) for line in slow_server.log().splitlines() if '"logger": "medmo.access"' in line]
+    lines = [
+        json.loads(line) for line in slow_server.log().splitlines() if '"logger": "medmo.access"' in line
+    ]
     assert [line for line in lines if line["path"] == "/report"][-1]["status"] == 499
     assert 5 <= metric(slow_server, 'medmo_generated_tokens_total{task="report"}') - tokens_before < 100
     # The one slot and the one queue place are free again: a new request is served.

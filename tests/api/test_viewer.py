@@ -36,7 +36,7 @@ STROKES = PALETTE[:2]
 # Three images of different sizes and shapes, each large enough in the model's input for both boxes.
 SIZES = [(1000, 800), (640, 960), (1280, 720)]
 CAPTIONS = ["frontal", "", "prior, a year earlier"]
-READY = "document.getElementById('status').textContent.includes('choose a task')"
+READY = "() => document.getElementById('status').textContent.includes('choose a task')"
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +101,11 @@ def assert_drawn(page: Page, box_px: dict[str, float], stroke: str) -> None:
 
 def run(page: Page, task: str, file: Path, wait_for: str) -> dict:  # type: ignore[type-arg]
     page.set_input_files("#image", str(file))
-    page.wait_for_function("document.getElementById('picture').width > 0")
+    page.wait_for_function("() => document.getElementById('picture').width > 0")
     page.check(f"input[name=task][value={task}]")
     page.click("#run")
     page.wait_for_selector(wait_for, state="attached")
-    page.wait_for_function("document.getElementById('raw').textContent.length > 0")
+    page.wait_for_function("() => document.getElementById('raw').textContent.length > 0")
     return json.loads(page.text_content("#raw") or "")  # type: ignore[no-any-return]
 
 
@@ -143,7 +143,7 @@ def test_several_images_each_show_their_own_boxes(
     page.check("input[name=task][value=ground]")
     page.click("#run")
     page.wait_for_selector("#findings li", state="attached")
-    page.wait_for_function("document.getElementById('raw').textContent.length > 0")
+    page.wait_for_function("() => document.getElementById('raw').textContent.length > 0")
     shown = json.loads(page.text_content("#raw") or "")
 
     # The same request from a client: the page sent the three images, in order, with their captions.
