@@ -44,9 +44,11 @@ from app.conversation import Conversation, Query, Role, Turn
 from app.engine.protocol import Completed
 from app.engine.request import GenerationOptions
 from app.imaging import DecodedImage
+from app.text.fence import QUOTED_CHARS
 
 GROUP = "chat"
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 
 
 def count_as_chat(request: Request) -> None:
@@ -120,13 +122,16 @@ async def create_chat_completion(
     async with deadline(request, x_request_timeout) as deadline_s:
         with running.service.uploads.take():
             document = await read_json_object(request, upload_limits(running.service.settings))
-        chat = parse_request(document)
+        settings = running.service.settings
+        chat = parse_request(document, settings.max_messages)
+        running.text_fence.check(message_texts(chat))
         model = served_model(request)
         if chat.model != model.id:
             raise ApiError(
-                404, "model_not_found", f"the model {chat.model[:200]!r} is not served here; see /v1/models"
+                404,
+                "model_not_found",
+                f"the model {chat.model[:QUOTED_CHARS]!r} is not served here; see /v1/models",
             )
-        settings = running.service.settings
         images, turns = conversation_parts(chat, settings.max_images)
         stops = stop_sequences(chat)
         submitted = await submit(
@@ -160,17 +165,26 @@ def served_model(request: Request) -> ModelCard:
     return ModelCard(id=description.model, created=0, owned_by="medmo-serve")
 
 
-def parse_request(document: dict[str, Any]) -> ChatCompletionRequest:
+def parse_request(document: dict[str, Any], max_messages: int) -> ChatCompletionRequest:
+    """The request, typed as strictly as the task routes' JSON ("max_tokens": "5" is not 5, as OpenAI's own
+    server has it); what it names but cannot honour, refused naming at most a short prefix of it."""
+    messages = document.get("messages")
+    if isinstance(messages, list) and len(messages) > max_messages:  # before validating each of them
+        raise ApiError(
+            400, "invalid_request", f"messages: at most {max_messages} on this server (MEDMO_MAX_MESSAGES)"
+        )
     try:
-        chat = ChatCompletionRequest.model_validate(document)
+        chat = ChatCompletionRequest.model_validate(document, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
-        location = ".".join(str(part) for part in first["loc"])
+        location = ".".join(str(part) for part in first["loc"])[:QUOTED_CHARS]
         if first["type"] == "extra_forbidden":
             raise ApiError(
                 400, "unsupported_parameter", f"{location}: not supported by this service"
             ) from None
         raise ApiError(400, "invalid_request", f"{location}: {first['msg']}") from None
+    if chat.stream_options is not None and not chat.stream:
+        raise ApiError(400, "invalid_request", "stream_options: only with stream")
     for name, neutral in NEUTRAL.items():
         if getattr(chat, name) not in neutral:
             raise ApiError(
@@ -179,6 +193,19 @@ def parse_request(document: dict[str, Any]) -> ChatCompletionRequest:
                 f"{name}: only {neutral[1]!r} is supported: this service decodes greedily, one answer per request",
             )
     return chat
+
+
+def message_texts(chat: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """The conversation's texts, named where they stand, for the text fence (`Running.text_fence`)."""
+    texts = []
+    for number, message in enumerate(chat.messages):
+        if isinstance(message.content, str):
+            texts.append((f"messages.{number}.content", message.content))
+            continue
+        for index, part in enumerate(message.content):
+            if isinstance(part, TextPart):
+                texts.append((f"messages.{number}.content.{index}.text", part.text))
+    return texts
 
 
 ChatTurn = tuple[Role, list[str | int]]  # a role and its parts: texts, and the index of each image
@@ -241,9 +268,15 @@ def requested_tokens(chat: ChatCompletionRequest, limit: int) -> int:
 
 
 def stop_sequences(chat: ChatCompletionRequest) -> list[str]:
+    """Up to 4 sequences (OpenAI's bound) of up to 64 characters each: the stop check runs on the event loop
+    for every piece of text written, so its cost must stay small whatever a client sends."""
     stops = [chat.stop] if isinstance(chat.stop, str) else list(chat.stop or [])
-    if len(stops) > MAX_STOP_SEQUENCES or not all(stops):
-        raise ApiError(400, "invalid_request", f"stop: up to {MAX_STOP_SEQUENCES} non-empty sequences")
+    if len(stops) > MAX_STOP_SEQUENCES or not all(0 < len(stop) <= MAX_STOP_CHARS for stop in stops):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"stop: up to {MAX_STOP_SEQUENCES} sequences of 1 to {MAX_STOP_CHARS} characters",
+        )
     return stops
 
 
