@@ -77,7 +77,7 @@ def create_app(
     app.include_router(ops.router)
     install_docs(app)
     install_browser_protections(app, settings, cacheable_paths=(viewer.ASSETS_PATH, ASSETS_URL))
-    app.add_middleware(RequestContextMiddleware, metrics=service.metrics)
+    app.add_middleware(RequestContextMiddleware, metrics=service.metrics, accepted=service.accepted)
     app.add_middleware(StartupFailureReporter, service=service)
     return app
 
@@ -146,13 +146,15 @@ def _single_threaded_torch() -> None:
 
 
 async def drain(app: FastAPI, grace_s: float) -> bool:
-    """Refuse new work (503, /readyz too) and wait for accepted work to finish. False if time ran out."""
+    """Refuse new work (503, /readyz too) and wait for every accepted request to end, whatever it is doing
+    (`middleware.Accepted`); those still running when the grace runs out are cut short with a 503. False
+    if some were."""
     service = app.state.service
     assert isinstance(service, Service)
-    if service.engine is None:
-        return True
-    service.engine.begin_drain()
-    return await service.engine.wait_idle(grace_s)
+    finished = await service.accepted.drain(grace_s)
+    if service.engine is not None:
+        service.engine.begin_drain()  # nothing is left in it: every request in it was an accepted one
+    return finished
 
 
 class StartupFailureReporter:

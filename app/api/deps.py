@@ -10,6 +10,7 @@ from fastapi import Request
 
 from app.api.errors import ApiError
 from app.api.keys import ApiKeys
+from app.api.middleware import Accepted
 from app.api.uploads import Slots
 from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
@@ -30,6 +31,7 @@ class Service:
     prepare_pool: ThreadPoolExecutor | None = None
     startup_error: str | None = None
     uploads: Slots = field(init=False)  # counted apart from the queue for the model
+    accepted: Accepted = field(init=False)  # every request in progress, for a drain
     # Previews take places in the queue and decode on the preparation threads, as tasks do: at most half of
     # either, so that a flood of previews never leaves a request for the model without room.
     previews: Slots = field(init=False)
@@ -41,6 +43,7 @@ class Service:
         self.uploads = Slots(
             self.settings.max_uploads, self.metrics, what="uploads", gauge=self.metrics.uploads_in_progress
         )
+        self.accepted = Accepted()
         self.previews = Slots(max(1, self.settings.max_queue // 2), self.metrics, what="previews")
         self.preview_decodes = asyncio.Semaphore(max(1, self.settings.prepare_workers // 2))
         self.startup = StartupProgress(interval_s=self.settings.progress_interval_s)

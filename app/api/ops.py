@@ -64,8 +64,14 @@ async def readyz(request: Request) -> JSONResponse:
             else Health(status=phase.phase.value, progress=phase.percent)
         )
         return JSONResponse(health.model_dump(exclude_none=True), status_code=503)
-    status = 200 if engine.state is EngineState.READY else 503
-    return JSONResponse(Health(status=engine.state.value).model_dump(exclude_none=True), status_code=status)
+    # A drain refuses new requests before the engine stops taking the accepted ones.
+    state = (
+        EngineState.DRAINING
+        if service.accepted.closed and engine.state is EngineState.READY
+        else engine.state
+    )
+    status = 200 if state is EngineState.READY else 503
+    return JSONResponse(Health(status=state.value).model_dump(exclude_none=True), status_code=status)
 
 
 @router.get(
