@@ -265,21 +265,8 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
                 running.text_fence.check(client_texts(fields))
                 uids = InstanceUids(study_instance_uid, series_instance_uid, sop_instance_uid)
                 dicom = await pacs.retrieve_instance(uids.study, uids.series, uids.instance)
-            convention = settings.box_convention
-            submitted = await submit(
-                request,
-                arrived=arrived,
-                options=running.service.options(task.name, fields.max_new_tokens),
-                bounded=fields.max_new_tokens is None,
-                uploads=[ImageUpload(dicom, frame=fields.frame, window=fields.window)],
-                queries=lambda images, order: task.queries(
-                    fields, [Captioned(image.picture) for image in images], order, convention
-                ),
-                deadline_s=deadline_s,
-                deltas=False,
-                check_images=the_instances_asked_for([uids], store),
-            )
-            answer = await answered_and_stored(request, task, fields, submitted, pacs, store, uids.study)
+            pulled = PulledImages([uids], [None], [dicom], prior_study_instance_uid=None)
+            answer = await answer_on(request, task, fields, pulled, pacs, store, arrived, deadline_s)
         return JSONResponse(answer_model(**answer).model_dump(mode="json"))
 
     endpoint.__name__ = instance_operation(task)
@@ -316,39 +303,53 @@ def dicomweb_series_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[An
                 pulled = await pull_series(
                     pacs, settings, study_instance_uid, series_instance_uid, asked, with_prior=with_prior
                 )
-            convention = settings.box_convention
-            submitted = await submit(
-                request,
-                arrived=arrived,
-                options=running.service.options(task.name, fields.max_new_tokens),
-                bounded=fields.max_new_tokens is None,
-                uploads=[
-                    ImageUpload(dicom, caption, fields.frame, fields.window)
-                    for dicom, caption in zip(pulled.files, pulled.captions, strict=True)
-                ],
-                queries=lambda images, order: task.queries(
-                    fields,
-                    [
-                        Captioned(image.picture, caption)
-                        for image, caption in zip(images, pulled.captions, strict=True)
-                    ],
-                    order,
-                    convention,
-                ),
-                image_order=fields.image_order or "anatomical",
-                deadline_s=deadline_s,
-                deltas=False,
-                check_images=the_instances_asked_for(pulled.instances, store),
-            )
-            answer = await answered_and_stored(
-                request, task, fields, submitted, pacs, store, study_instance_uid
-            )
+            answer = await answer_on(request, task, fields, pulled, pacs, store, arrived, deadline_s)
         if task.name in PRIOR_TASKS:
             answer["prior_study_instance_uid"] = pulled.prior_study_instance_uid
         return JSONResponse(answer_model(**answer).model_dump(mode="json"))
 
     endpoint.__name__ = series_operation(task)
     return endpoint
+
+
+async def answer_on(
+    request: Request,
+    task: Task[Any, Any],
+    fields: TaskFields,
+    pulled: PulledImages,
+    pacs: Dicomweb,
+    store: list[Literal["sr", "gsps"]],
+    arrived: float,
+    deadline_s: float,
+) -> dict[str, Any]:
+    """Run the task on the images pulled from the PACS, through the same pipeline as an upload; store the
+    answers asked for into the first image's study. The task's JSON answer, and what was stored."""
+    running = get_running(request)
+    convention = running.service.settings.box_convention
+    submitted = await submit(
+        request,
+        arrived=arrived,
+        options=running.service.options(task.name, fields.max_new_tokens),
+        bounded=fields.max_new_tokens is None,
+        uploads=[
+            ImageUpload(dicom, caption, fields.frame, fields.window)
+            for dicom, caption in zip(pulled.files, pulled.captions, strict=True)
+        ],
+        queries=lambda images, order: task.queries(
+            fields,
+            [
+                Captioned(image.picture, caption)
+                for image, caption in zip(images, pulled.captions, strict=True)
+            ],
+            order,
+            convention,
+        ),
+        image_order=fields.image_order or "anatomical",
+        deadline_s=deadline_s,
+        deltas=False,
+        check_images=the_instances_asked_for(pulled.instances, store),
+    )
+    return await answered_and_stored(request, task, fields, submitted, pacs, store, pulled.instances[0].study)
 
 
 async def read_body(request: Request, body_model: type[BaseModel], settings: Settings) -> BaseModel:
