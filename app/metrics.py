@@ -86,6 +86,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.decode_graphs = Gauge(
+            "medmo_decode_graphs",
+            "Decode buckets replayed from captured graphs (0: the decode step runs eagerly).",
+            registry=self.registry,
+        )
         self.decode_step_seconds = Histogram(
             "medmo_decode_step_seconds",
             "Duration of one decode step (one token for every running request).",

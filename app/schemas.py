@@ -297,6 +297,11 @@ class EngineInfo(BaseModel):
         description="continuous: how decode steps run: captured graphs, or eager and why.",
         examples=["60 graphs (10 batch x 6 span buckets)"],
     )
+    compile: str | None = Field(
+        None,
+        description="continuous: whether the decode step runs through torch.compile, and what compiling cost.",
+        examples=["compiled, 60 buckets in 412 s"],
+    )
     prefill_token_budget: int | None = Field(
         None, description="continuous: most prompt tokens started in one step.", examples=[8192]
     )

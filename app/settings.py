@@ -133,6 +133,17 @@ class _Settings(BaseSettings):
     decode_graphs: bool = Field(
         True, description="continuous, on a GPU: capture the decode step as CUDA/HIP graphs at startup."
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="continuous: run the decode step through torch.compile (fused kernels, fewer launches) "
+        "before capturing it; auto: on a GPU. Each bucket compiles at startup; TORCHINDUCTOR_CACHE_DIR keeps "
+        "the kernels for the next start (the images put it on the model cache volume).",
+    )
+    allow_eager: bool = Field(
+        False,
+        description="continuous, on a GPU: when the decode graphs cannot be captured, serve eagerly (much "
+        "slower) instead of stopping the start with the reason.",
+    )
     gpu_memory_fraction: float = Field(
         0.9,
         gt=0,

@@ -44,12 +44,11 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.pipeline import image_limits
 from app.conversation import Conversation
 from app.engine import build_runner, continuous_engine
 from app.engine.protocol import Completed, Engine, TokenDelta
 from app.engine.request import GenerationOptions, PreparedRequest
-from app.imaging import decode_image
+from app.imaging import ImageLimits, decode_image
 from app.metrics import Metrics
 from app.settings import Settings
 from app.tasks.ground import GroundFields, ground_prompt
@@ -108,10 +107,11 @@ class Row:
         return self.window_s < 3 * self.p50_s
 
 
-def settings_for(args: argparse.Namespace, engine: str) -> dict[str, str]:
+def settings_for(args: argparse.Namespace, engine: str, compile_step: str = "auto") -> dict[str, str]:
     mix = Mix.parse(args.mix)
     env = {
         "MEDMO_ENGINE": engine,
+        "MEDMO_COMPILE": compile_step,
         "MEDMO_MAX_CONTEXT": str(args.context),
         "MEDMO_MAX_QUEUE": str(max(256, 4 * max(args.clients + args.generate_clients))),
         "MEDMO_MAX_BATCH_SIZE": str(args.generate_batch),
@@ -129,6 +129,12 @@ def settings_for(args: argparse.Namespace, engine: str) -> dict[str, str]:
     return env
 
 
+# Words in the names of the kernels that SDPA may choose (flash, memory-efficient, cuDNN, the math path).
+ATTENTION_KERNEL_WORDS = ("flash", "fmha", "efficient", "attention", "cudnn", "sdpa")
+# --compile: the MEDMO_COMPILE values to serve the continuous engine with, the first also in process.
+COMPILE_MODES = {"on": ("on",), "off": ("off",), "both": ("on", "off")}
+
+
 # --- 1 and 2: in this process ---
 
 
@@ -139,7 +145,7 @@ def prepared_pool(
     the median milliseconds that took per request on this one thread: the serving path's CPU work."""
     rng = np.random.default_rng(1)
     (upload,) = test_images(1, image_size)
-    limits = image_limits(settings)
+    limits = ImageLimits(settings.max_upload_bytes, settings.max_image_pixels, settings.max_dicom_frames)
     pool, costs = [], []
     for _ in range(count):
         task, limit = mix.draw(rng)
@@ -191,6 +197,18 @@ def print_profile(runner: object, batch: int) -> None:
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     print(f"\ntop kernels of 5 decode steps at batch {batch}:")
     print(profiler.key_averages().table(sort_by=sort, row_limit=15))
+    # What the device ran per step, and which attention kernel SDPA chose for the masked decode read.
+    kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    attention = sorted(
+        {
+            event.name
+            for event in kernels
+            if any(word in event.name.lower() for word in ATTENTION_KERNEL_WORDS)
+        }
+    )
+    print(
+        f"device kernels per decode step: {len(kernels) / 5:.0f}; attention kernels: {attention or 'none seen'}"
+    )
 
 
 async def offline_load(engine: Engine, pool: list[PreparedRequest], clients: int, duration_s: float) -> Row:
@@ -238,7 +256,7 @@ def single_threaded_torch() -> Iterator[None]:
 
 def measure_in_process(args: argparse.Namespace, mix: Mix) -> tuple[dict[int, float], float, list[Row]]:
     """The decode step ceiling, the serving path's CPU work per request, and the engine's offline rows."""
-    env = settings_for(args, "continuous")
+    env = settings_for(args, "continuous", COMPILE_MODES[args.compile][0])
     settings = Settings(**{key.removeprefix("MEDMO_").lower(): value for key, value in env.items()})
     runtime = build_runtime(args.shape, settings)
     with single_threaded_torch():  # as on the service's preparation threads
@@ -250,7 +268,10 @@ def measure_in_process(args: argparse.Namespace, mix: Mix) -> tuple[dict[int, fl
     began = time.monotonic()
     with torch.inference_mode():
         runner.warm_up()
-    print(f"decode graphs: {runner.graph_note}, {time.monotonic() - began:.1f} s", flush=True)
+    print(
+        f"decode graphs: {runner.graph_note}; {runner.compile_note}; {time.monotonic() - began:.1f} s",
+        flush=True,
+    )
     batches = [b for b in (1, 32, 64, 128) if b <= runner.slots]
     ceiling = decode_ceiling(runner, pool[0], batches, args.ceiling_steps, args.profile)
     print(f"decode step ceiling (ms): {json.dumps({b: round(t, 2) for b, t in ceiling.items()})}", flush=True)
@@ -349,17 +370,18 @@ def step_counters(url: str) -> tuple[float, float]:
 
 
 def measure_served(
-    args: argparse.Namespace, engine: str, clients_list: list[int], mix: Mix
+    args: argparse.Namespace, engine: str, clients_list: list[int], mix: Mix, compile_step: str = "auto"
 ) -> tuple[list[Row], dict[str, object]]:
     image = test_images(1, args.image_size)[0]
     rows = []
     command = [sys.executable, "-m", "bench.server", "--shape", args.shape]
+    label = "served uncompiled" if engine == "continuous" and compile_step == "off" else f"served {engine}"
     with (
         tempfile.TemporaryDirectory() as scratch,
         serve(
             None,
             Path(scratch) / "server.log",
-            env=settings_for(args, engine),
+            env=settings_for(args, engine, compile_step),
             command=command,
             ready_timeout_s=1200,
         ) as server,
@@ -370,8 +392,8 @@ def measure_served(
         )
         duration_s = args.generate_duration if engine == "generate" else args.duration
         for clients in clients_list:
-            row = asyncio.run(served_load(server.url, f"served {engine}", clients, duration_s, mix, image))
-            print(f"served {engine} {clients} clients: {row.tokens_per_s:.1f} tokens/s", flush=True)
+            row = asyncio.run(served_load(server.url, label, clients, duration_s, mix, image))
+            print(f"{label} {clients} clients: {row.tokens_per_s:.1f} tokens/s", flush=True)
             rows.append(row)
         server.terminate(120)
     return rows, info
@@ -418,6 +440,9 @@ def print_report(rows: list[Row], ceiling: dict[int, float], prepare_ms: float, 
         parts = [f"{clients} clients:"]
         if generate and generate.tokens_per_s:
             parts.append(f"continuous / generate {row.tokens_per_s / generate.tokens_per_s:.2f}x")
+        uncompiled = by.get(("served uncompiled", clients))
+        if uncompiled and uncompiled.tokens_per_s:
+            parts.append(f"compiled / uncompiled {row.tokens_per_s / uncompiled.tokens_per_s:.2f}x")
         if offline and offline.tokens_per_s:
             parts.append(f"served / offline {row.tokens_per_s / offline.tokens_per_s:.2f}")
         print("  ".join(parts))
@@ -474,6 +499,13 @@ def main() -> None:
     parser.add_argument(
         "--skip", default="", help="comma-separated phases to skip: offline, continuous, generate"
     )
+    parser.add_argument(
+        "--compile",
+        choices=sorted(COMPILE_MODES),
+        default="both",
+        help="the continuous engine's decode step through torch.compile (MEDMO_COMPILE): on, off, or both "
+        "served one after the other (the in-process rows use the first: on)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
@@ -488,7 +520,8 @@ def main() -> None:
         ceiling, prepare_ms, offline = measure_in_process(args, mix)
         rows += offline
     if "continuous" not in skip:
-        rows += measure_served(args, "continuous", args.clients, mix)[0]
+        for compile_step in COMPILE_MODES[args.compile]:
+            rows += measure_served(args, "continuous", args.clients, mix, compile_step)[0]
     if "generate" not in skip and args.generate_clients:
         rows += measure_served(args, "generate", args.generate_clients, mix)[0]
     print_report(rows, ceiling, prepare_ms, device)

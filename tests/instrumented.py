@@ -75,6 +75,10 @@ class InstrumentedRunner(Gated):
     def warm_up(self) -> None:
         self.inner.warm_up()
 
+    @property
+    def graphs_replaying(self) -> int:
+        return self.inner.graphs_replaying
+
     def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
         self.enter()
         self.prefills.append([request for _, request in entries])

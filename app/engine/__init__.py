@@ -75,7 +75,14 @@ def build_runner(settings: Settings, runtime: Runtime) -> SlotRunner:
             "MEDMO_MAX_CONTEXT, raise MEDMO_GPU_MEMORY_FRACTION, or serve a smaller model"
         )
     try:
-        return SlotRunner(model, slots=slots, context=settings.max_context, graphs=settings.decode_graphs)
+        return SlotRunner(
+            model,
+            slots=slots,
+            context=settings.max_context,
+            graphs=settings.decode_graphs,
+            compiled=settings.compile == "on" or (settings.compile == "auto" and model.device.type == "cuda"),
+            allow_eager=settings.allow_eager,
+        )
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(
             f"not enough memory on {model.device} for {slots} KV cache slots of {settings.max_context} tokens "

@@ -58,6 +58,11 @@ class Runner(Protocol):
     slots: int
     context: int
 
+    @property
+    def graphs_replaying(self) -> int:
+        """Decode buckets replayed from captured graphs."""
+        ...
+
     def warm_up(self) -> None: ...
 
     def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]: ...
@@ -270,6 +275,7 @@ class ContinuousEngine(Gated):
                 self._post(_settle, ready, exc)
                 return
             logger.info("continuous engine ready: %s", self._runner.describe())
+            self._metrics.decode_graphs.set(self._runner.graphs_replaying)
             self._post(_settle, ready, None)
             try:
                 self._serve()

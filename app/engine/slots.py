@@ -13,8 +13,12 @@ with transformers (`AttentionInterface`) and selected for the text model only do
 
 Running requests always occupy slots 0..n-1: a request that finishes hands its slot to the last one (a copy
 of that row's filled length), so a decode step never gathers rows. On CUDA and ROCm each (batch, span)
-bucket's decode step is captured once as a graph at startup and replayed, which removes the per-kernel
-launch cost that dominates an eager step; the CPU runs the same step eagerly.
+bucket's decode step is compiled (torch.compile, fullgraph: fused kernels, fewer launches) and captured once
+as a graph at startup, then replayed, which removes the per-kernel launch cost that dominates an eager step;
+the CPU runs the same step eagerly. A captured graph is trusted only once it has replayed what the step
+computes on the same inputs (an empty capture replays nothing, and would repeat every request's first
+token): a graph that does not is refused, and so is serving without graphs on a GPU unless
+MEDMO_ALLOW_EAGER says so.
 
 Without a `medmo_slots` argument the attention function is plain SDPA, so `generate()` on the same model
 still works (it is how the engines are compared).
@@ -24,17 +28,20 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from app.engine.request import PreparedRequest
+from app.engine.runtime import ModelLoadError
 
 logger = logging.getLogger("medmo.engine")
 
@@ -182,6 +189,16 @@ def use_slot_attention(model: Any) -> None:
 # --- the runner ---
 
 
+class CaptureError(ModelLoadError):
+    """The decode step could not be captured as graphs that replay what it computes."""
+
+
+class Replayable(Protocol):
+    """A captured graph, as the runner uses it."""
+
+    def replay(self) -> None: ...
+
+
 def buckets_up_to(limit: int, candidates: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({size for size in candidates if size < limit} | {limit}))
 
@@ -205,7 +222,18 @@ def smallest_at_least(value: int, buckets: Sequence[int]) -> int:
 class SlotRunner:
     """Prefill and decode on the device, for the engine's scheduler thread (and no other thread)."""
 
-    def __init__(self, model: Any, *, slots: int, context: int, graphs: bool) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        slots: int,
+        context: int,
+        graphs: bool,
+        compiled: bool = False,
+        allow_eager: bool = True,
+    ) -> None:
+        """`graphs`: capture the decode step on CUDA/ROCm; `compiled`: run it through torch.compile;
+        `allow_eager`: a capture that fails leaves an eager engine instead of stopping the start."""
         use_slot_attention(model)
         self.model = model
         self.slots = slots
@@ -235,16 +263,29 @@ class SlotRunner:
         self._rows = torch.arange(slots, device=device)
         self._positions = torch.arange(context, device=device)
         self.lengths = [0] * slots  # the host's copy, for choosing buckets without a device sync
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], Replayable] = {}
         self._want_graphs = graphs and device.type == "cuda"
+        self._allow_eager = allow_eager
         self.graph_note = "off" if not self._want_graphs else "not captured yet"
+        # The step that runs and is captured: torch.compile's, or the model's own eager one.
+        self._decode_step: Callable[[int, int], None] = self._step
+        self._compiled = compiled
+        self.compile_note = "off"
         # Told (captured, total) after each graph: capture takes minutes for a large model (startup progress).
         self.on_graph_captured: Callable[[int, int], None] | None = None
 
     # --- startup ---
 
     def warm_up(self) -> None:
-        """Capture one decode graph per (batch, span) bucket; on failure, decode eagerly and say why once."""
+        """Compile the decode step and capture one graph per (batch, span) bucket, each checked against the
+        step it captures. A capture that fails stops the start (CaptureError) unless eager decoding is
+        allowed, in which case it is said once, in the log and in `describe()`."""
+        if self.device.type == "cuda":
+            # Streams and graphs belong to the thread's current device: without this, a runner on cuda:1
+            # driven from a thread on cuda:0 captures an empty graph, which torch only warns about.
+            torch.cuda.set_device(self.device)
+        if self._compiled and self.compile_note == "off":
+            self._compile()
         if not self._want_graphs:
             self.graph_note = "eager (the CPU has no graphs)" if self.device.type == "cpu" else "off"
             return
@@ -252,13 +293,40 @@ class SlotRunner:
             return  # captured already
         try:
             self._capture()
-        except Exception as exc:  # any capture failure leaves a working, slower engine
+            self.verify_graphs()
+        except Exception as exc:
             self._graphs.clear()
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            if not self._allow_eager:
+                raise CaptureError(
+                    f"the decode step could not be captured as graphs ({type(exc).__name__}: {reason}); without "
+                    "them each step pays thousands of kernel launches: fix the cause, or set "
+                    "MEDMO_ALLOW_EAGER=true to serve eagerly, or MEDMO_DECODE_GRAPHS=false"
+                ) from exc
             self.graph_note = f"eager: capture failed ({type(exc).__name__}: {reason})"
             logger.warning("decode graphs could not be captured; decoding eagerly: %s", self.graph_note)
         finally:
             self._lengths.zero_()
+
+    @property
+    def graphs_replaying(self) -> int:
+        return len(self._graphs)
+
+    def _compile(self) -> None:
+        """The decode step through torch.compile, one graph of fused kernels per bucket (fullgraph: a break
+        is an error, not a silent slowdown). Each bucket compiles at its first run, here, not in a request."""
+        began = time.monotonic()
+        buckets = [(batch, span) for batch in self.batch_buckets for span in self.span_buckets]
+        # Every bucket is a shape of its own (dynamic=False: what graphs capture is static anyway), so the
+        # recompile limit must hold them all, or later buckets would silently run uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 8)
+        self._decode_step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        for batch, span in buckets:
+            self._decode_step(batch, span)
+        self._lengths.zero_()
+        took = time.monotonic() - began
+        self.compile_note = f"compiled, {len(buckets)} buckets in {took:.0f} s"
+        logger.info("decode step %s", self.compile_note)
 
     def _capture(self) -> None:
         pool = None
@@ -268,11 +336,13 @@ class SlotRunner:
             for span in reversed(self.span_buckets):
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    self._step(batch, span)  # first run outside the graph: lazy initialisation, autotuning
+                    self._decode_step(
+                        batch, span
+                    )  # first run outside the graph: lazy initialisation, autotuning
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step(batch, span)
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    self._decode_step(batch, span)
                 pool = graph.pool()
                 self._graphs[(batch, span)] = graph
                 count += 1
@@ -282,6 +352,28 @@ class SlotRunner:
         self.graph_note = (
             f"{count} graphs ({len(self.batch_buckets)} batch x {len(self.span_buckets)} span buckets)"
         )
+
+    def verify_graphs(self) -> None:
+        """Replay every graph on inputs of its own and compare with the step run directly on the same inputs;
+        CaptureError for one that differs. An empty capture replays nothing: its tokens stay the inputs."""
+        vocabulary = int(self._embed.num_embeddings)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        for (batch, span), graph in self._graphs.items():
+            tokens = torch.randint(0, vocabulary, (batch,), generator=generator).to(self.device)
+            lengths = torch.randint(0, span, (batch,), generator=generator).to(self.device)
+            self._tokens[:batch], self._lengths[:batch], self._deltas[:batch] = tokens, lengths, 0
+            self._decode_step(batch, span)
+            expected = self._tokens[:batch].clone()
+            self._tokens[:batch], self._lengths[:batch] = tokens, lengths
+            graph.replay()
+            replayed = self._tokens[:batch].clone()
+            if not torch.equal(replayed, expected) or torch.equal(replayed, tokens):
+                raise CaptureError(
+                    f"the graph of bucket (batch {batch}, span {span}) does not replay the decode step"
+                    + (" (it changes nothing)" if torch.equal(replayed, tokens) else "")
+                )
+        self._tokens.zero_()
+        self._deltas.zero_()
 
     # --- the forward passes ---
 
@@ -326,7 +418,7 @@ class SlotRunner:
         if graph is not None:
             graph.replay()
         else:
-            self._step(batch, span)
+            self._decode_step(batch, span)
         self._lengths[:active] += 1
         for row in range(active):
             self.lengths[row] += 1
@@ -370,6 +462,7 @@ class SlotRunner:
             "context": self.context,
             "kv_cache_gib": round(2 * self.cache.keys.numel() * self.cache.keys.element_size() / GIB, 3),
             "decode_graphs": self.graph_note,
+            "compile": self.compile_note,
         }
 
 
