@@ -70,7 +70,7 @@ class InstrumentedRunner(Gated):
         self.context = inner.context
         self.prefills: list[list[PreparedRequest]] = []
         self.prefill_slots: list[list[int]] = []
-        self.decodes: list[int] = []  # rows of each decode step
+        self.decodes: list[int] = []  # rows of each decode step launched
 
     def warm_up(self) -> None:
         self.inner.warm_up()
@@ -86,11 +86,14 @@ class InstrumentedRunner(Gated):
         self.fail_if_asked(request for _, request in entries)
         return self.inner.prefill(entries)
 
-    def decode(self, active: int) -> list[int]:
+    def launch(self, active: int) -> None:
         self.enter()
         self.decodes.append(active)
         self.fail_if_asked(())
-        return self.inner.decode(active)
+        self.inner.launch(active)
+
+    def collect(self) -> list[int]:
+        return self.inner.collect()
 
     def move(self, source: int, target: int) -> None:
         self.inner.move(source, target)

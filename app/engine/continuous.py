@@ -67,7 +67,13 @@ class Runner(Protocol):
 
     def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]: ...
 
-    def decode(self, active: int) -> list[int]: ...
+    def launch(self, active: int) -> None:
+        """Start a decode step for slots 0..active-1 without waiting for it."""
+        ...
+
+    def collect(self) -> list[int]:
+        """The tokens of the oldest launched step not yet collected, once it has ended."""
+        ...
 
     def move(self, source: int, target: int) -> None: ...
 
@@ -98,6 +104,7 @@ class _Job:
     first_token_at: float = 0.0
     batch_size: int = 0
     failure: BaseException | None = None
+    retired: bool = False  # its slot is given up: tokens of a step launched before that are dropped
 
     def gone(self, now: float) -> bool:
         return self.abandoned or now >= self.deadline
@@ -145,6 +152,8 @@ class ContinuousEngine(Gated):
         # The scheduler's own state.
         self._waiting: deque[_Job] = deque()
         self._active: list[_Job] = []  # the request in slot i is _active[i]
+        # The step launched and not yet read: the request in each of its rows then, and when it began.
+        self._launched: tuple[list[_Job], float] | None = None
         self._outbox = _Outbox()
         self._prefill_s = 0.0  # moving average of a prefill's duration
 
@@ -288,15 +297,14 @@ class ContinuousEngine(Gated):
 
     def _serve(self) -> None:
         while not self._stopping:
-            if not self._active and not self._waiting:
+            if not self._active and not self._waiting and self._launched is None:
                 self._wake.wait()
             self._wake.clear()
             self._take_arrivals()
             self._drop_abandoned()
             if self._prefill_due():
                 self._prefill()
-            if self._active:
-                self._decode()
+            self._decode()
             self._metrics.running_requests.set(len(self._active))
             self._metrics.waiting_requests.set(len(self._waiting))
             self._metrics.slot_occupancy.set(len(self._active) / self._runner.slots)
@@ -395,28 +403,50 @@ class ContinuousEngine(Gated):
             self._emit(job, token)
 
     def _decode(self) -> None:
+        """One step ahead: launch the next step for the running requests, then read the previous step's
+        tokens while the device works on it. A request that ended in the previous step has run one step
+        more in the new one; that token is dropped, and its slot is given up now."""
+        launched = None
         active = len(self._active)
-        began = time.monotonic()
+        if active:
+            try:
+                self._runner.launch(active)
+            except Exception as exc:
+                if self._is_fatal(exc):
+                    raise
+                self._fail_running(exc, active)
+            else:
+                launched = (list(self._active), time.monotonic())
+                for job in self._active:
+                    job.batch_size = max(job.batch_size, active)
+        previous, self._launched = self._launched, launched
+        if previous is not None:
+            self._read(*previous)
+
+    def _read(self, rows: list[_Job], began: float) -> None:
+        """A launched step's tokens, each to the request that held its row when the step was launched."""
         try:
-            tokens = self._runner.decode(active)
+            tokens = self._runner.collect()
         except Exception as exc:
             if self._is_fatal(exc):
                 raise
-            logger.warning("a decode step failed for %d requests: %s", active, type(exc).__name__)
-            for job in self._active:
-                job.failure = BatchFailedError("generation failed for this request")
-                job.failure.__cause__ = exc
-            self._retire(list(range(active)))
+            self._fail_running(exc, len(self._active))
             return
         self._metrics.decode_step_seconds.observe(time.monotonic() - began)
-        done = []
-        for row, (job, token) in enumerate(zip(self._active, tokens, strict=True)):
-            self._emit(job, token)
-            if active > job.batch_size:
-                job.batch_size = active
-            if self._finished(job):
-                done.append(row)
-        self._retire(done)
+        for job, token in zip(rows, tokens, strict=True):
+            if not job.retired:
+                self._emit(job, token)
+        self._retire([row for row, job in enumerate(self._active) if job.tokens and self._finished(job)])
+
+    def _fail_running(self, exc: Exception, active: int) -> None:
+        logger.warning("a decode step failed for %d requests: %s", active, type(exc).__name__)
+        for job in self._active:
+            job.failure = BatchFailedError("generation failed for this request")
+            job.failure.__cause__ = exc
+        self._retire(list(range(len(self._active))))
+        if self._launched is not None:  # a step launched before the failure: nothing of it is read
+            self._runner.collect()
+            self._launched = None
 
     def _emit(self, job: _Job, token: int) -> None:
         job.tokens.append(token)
@@ -430,6 +460,7 @@ class ContinuousEngine(Gated):
         """Free the slots of these rows; the last running request moves into each freed slot."""
         for row in sorted(rows, reverse=True):
             job = self._active[row]
+            job.retired = True
             last = len(self._active) - 1
             if row != last:
                 self._runner.move(last, row)
@@ -446,8 +477,10 @@ class ContinuousEngine(Gated):
         self._waiting.clear()
         for job in self._active:
             job.failure = error
+            job.retired = True
             self._outbox.ended.append(job)
         self._active.clear()
+        self._launched = None
         self._metrics.running_requests.set(0)
         self._metrics.waiting_requests.set(0)
         self._metrics.slot_occupancy.set(0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -263,6 +264,18 @@ class SlotRunner:
         self._rows = torch.arange(slots, device=device)
         self._positions = torch.arange(context, device=device)
         self.lengths = [0] * slots  # the host's copy, for choosing buckets without a device sync
+        # Where launched steps' tokens come back to the host (pinned on a GPU, so the copy runs alongside),
+        # two steps' worth, and an event per buffer saying its step has ended.
+        pinned = device.type == "cuda"
+        self._read_back = [
+            (
+                torch.zeros(slots, dtype=torch.long, pin_memory=pinned),
+                torch.cuda.Event() if pinned else None,
+            )
+            for _ in range(2)
+        ]
+        self._launches = 0
+        self._in_flight: deque[tuple[torch.Tensor, torch.cuda.Event | None, int]] = deque()
         self._graphs: dict[tuple[int, int], Replayable] = {}
         self._want_graphs = graphs and device.type == "cuda"
         self._allow_eager = allow_eager
@@ -411,7 +424,15 @@ class SlotRunner:
         return [int(token) for token in first.tolist()]
 
     def decode(self, active: int) -> list[int]:
-        """One token for each of slots 0..active-1, from the token each holds; the new ones are held next."""
+        """One step, waited for: `launch` then `collect`."""
+        self.launch(active)
+        return self.collect()
+
+    def launch(self, active: int) -> None:
+        """Start one token for each of slots 0..active-1, from the token each holds (the new ones are held
+        next), without waiting for the device: its tokens are copied to the host as the step ends, for
+        `collect`. Up to two steps may be launched before the first is collected, so that the scheduler can
+        start a step before it reads the previous one's tokens."""
         batch = smallest_at_least(active, self.batch_buckets)
         span = smallest_at_least(max(self.lengths[:active]) + 1, self.span_buckets)
         graph = self._graphs.get((batch, span))
@@ -420,9 +441,20 @@ class SlotRunner:
         else:
             self._decode_step(batch, span)
         self._lengths[:active] += 1
-        for row in range(active):
-            self.lengths[row] += 1
-        return [int(token) for token in self._tokens[:active].tolist()]
+        self.lengths[:active] = [length + 1 for length in self.lengths[:active]]
+        buffer, ready = self._read_back[self._launches % 2]
+        buffer[:active].copy_(self._tokens[:active], non_blocking=True)
+        if ready is not None:
+            ready.record()
+        self._launches += 1
+        self._in_flight.append((buffer, ready, active))
+
+    def collect(self) -> list[int]:
+        """The tokens of the oldest launched step not yet collected, once it has ended."""
+        buffer, ready, active = self._in_flight.popleft()
+        if ready is not None:
+            ready.synchronize()
+        return [int(token) for token in buffer[:active].tolist()]
 
     def _step(self, batch: int, span: int) -> None:
         """The decode step for `batch` rows reading `span` positions: what a graph captures."""
