@@ -15,14 +15,15 @@ cd "$(dirname "$0")/.."
 dir=${1:?usage: bash bench/offline-wheels.sh DIR [PYTHON_VERSION]}
 python_version=${2:-3.12}
 
-# Runtime: the web stack, settings, the image pipeline's DICOM decoders, the PACS client. qwen-vl-utils'
-# video decoder (av) is left out: the service only ever hands it decoded still images.
+# Runtime: the web stack, settings, the image pipeline's DICOM decoders, the PACS client, and requests, which
+# qwen-vl-utils imports as it loads. Its video decoder (av) is left out: the service only ever hands it
+# decoded still images.
 RUNTIME="fastapi fastapi-offline starlette annotated-doc opentelemetry-api pydantic pydantic-core
 pydantic-settings python-dotenv annotated-types typing-inspection python-multipart uvicorn httptools
 qwen-vl-utils pydicom highdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle pyjpegls
-httpx2 httpcore2 truststore"
+httpx2 httpcore2 truststore requests urllib3 charset-normalizer"
 # The engine tests (tests/engine) beside them.
-TESTS="pytest-asyncio asgi-lifespan sniffio"
+TESTS="pytest-asyncio pytest-timeout asgi-lifespan sniffio"
 
 pinned() {
     # NAME==VERSION from the constraints where they pin it; the newest release otherwise.

@@ -186,7 +186,7 @@ async def test_studies_and_text_alone_equal_generate_alone_and_mixed_with_single
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA or ROCm GPU here")
-async def test_bfloat16_on_a_gpu_starts_every_answer_as_generate_does(random_checkpoint: Path) -> None:
+async def test_bfloat16_on_cuda_starts_every_answer_as_generate_does(random_checkpoint: Path) -> None:
     """What serves on a GPU: bfloat16 and captured graphs. Batched bf16 rounds differently from a request
     alone, so argmax may flip where two tokens are within rounding: the first tokens must agree, and how
     far the rest agree is reported."""

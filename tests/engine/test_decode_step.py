@@ -20,8 +20,9 @@ from tests.engine.test_continuous import OpLog
 
 # Operations one decode step dispatches on the CPU in float32: a fixed part (embedding, rope, the last norm,
 # the head, argmax) and a part per layer. A change that adds work to every layer is seen here; raise these
-# only with the reason.
-FIXED_OPS = 57
+# only with the reason. The fixed part is 57 with transformers 5.19 and later, 63 before (its rotary
+# embedding takes six more), which the GPU hosts may still have.
+FIXED_OPS = 63
 OPS_PER_LAYER = 77
 
 
