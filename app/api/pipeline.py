@@ -263,7 +263,7 @@ def fitting_tokens(engine: Engine, prepared: PreparedRequest) -> int | None:
     """The most tokens the engine can generate after this prompt; None if it has no fixed context."""
     if engine.context is None:
         return None
-    return engine.context - prepared.prompt_tokens + 1
+    return engine.context - prepared.prompt_tokens
 
 
 async def collect(request: Request, submitted: Submitted) -> list[Completed]:

@@ -205,7 +205,9 @@ class ContinuousEngine(Gated):
         self._wake.set()
 
     def _check_fits(self, request: PreparedRequest) -> None:
-        needed = request.prompt_tokens + request.options.max_new_tokens - 1
+        # Every generated token but the last is written to the cache, and the step launched ahead of the
+        # last (the scheduler's one-step lead) writes one position more: the prompt and every new token.
+        needed = request.prompt_tokens + request.options.max_new_tokens
         if needed > self._runner.context:
             images = len(request.model_input_sizes)
             what = (

@@ -343,6 +343,20 @@ async def test_a_request_longer_than_the_context_is_refused_before_it_queues(run
     assert runner.prefills == []
 
 
+async def test_a_request_that_fills_the_context_runs_to_its_end_beside_others(runtime: ModelRuntime) -> None:
+    # The scheduler launches a step ahead of reading the one before, so a request that ends at its limit has
+    # run one step more, written one position past its last token: the context holds that position too.
+    async with running(runtime, context=512) as (engine, _):
+        request = prepare(runtime, 0, 1)
+        filling = request.limited_to(512 - request.prompt_tokens)
+        with pytest.raises(ContextTooLongError):
+            await run(engine, request.limited_to(512 - request.prompt_tokens + 1))
+        beside = prepare(runtime, 1, 300)
+        results = await asyncio.gather(run(engine, filling), run(engine, beside))
+    assert [r.generation.completion_tokens for r in results] == [512 - request.prompt_tokens, 300]
+    assert results[0].generation == runtime.generate([filling])[0]
+
+
 async def test_stopping_fails_what_is_running_and_waiting(runtime: ModelRuntime) -> None:
     async with running(runtime, slots=1) as (engine, runner):
         runner.gate.clear()
