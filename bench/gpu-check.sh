@@ -31,6 +31,10 @@ fi
 NVIDIA_TF32_OVERRIDE=0 "$python" -m pytest -q -s -p no:cacheprovider tests/engine/test_continuous.py -k cuda 2>&1 \
     | tee "$results/engine-tests.log"
 
+# The decode attention read alone: each SDPA backend that takes the engine's masked call (the one to pin),
+# against FlexAttention reading each row only as far as its length.
+"$python" -m bench.decode_attention 2>&1 | tee "$results/decode-attention.log"
+
 if [ $# -eq 0 ]; then
     set -- --duration 30 --offline-duration 10 --generate-clients 64 --generate-duration 100
 fi
