@@ -66,10 +66,6 @@ class StandInDevice:
             time.sleep(wait)
         return [TOKEN] * active
 
-    def decode(self, active: int) -> list[int]:
-        self.launch(active)
-        return self.collect()
-
     def move(self, source: int, target: int) -> None:
         pass
 

@@ -36,6 +36,7 @@ class Service:
     # either, so that a flood of previews never leaves a request for the model without room.
     previews: Slots = field(init=False)
     preview_decodes: asyncio.Semaphore = field(init=False)
+    _text_fence: TextFence | None = field(init=False, default=None)
     # The phase a start is in (downloading, loading, warming up), for /readyz.
     startup: StartupProgress = field(init=False)
 
@@ -47,6 +48,12 @@ class Service:
         self.previews = Slots(max(1, self.settings.max_queue // 2), self.metrics, what="previews")
         self.preview_decodes = asyncio.Semaphore(max(1, self.settings.prepare_workers // 2))
         self.startup = StartupProgress(interval_s=self.settings.progress_interval_s)
+
+    def text_fence(self, runtime: Runtime) -> TextFence:
+        """The fence for the loaded model's control tokens, made once."""
+        if self._text_fence is None:
+            self._text_fence = TextFence(runtime.control_tokens, self.settings.max_prompt_chars)
+        return self._text_fence
 
     def options(self, task: str, requested: int | None = None) -> GenerationOptions:
         """Generation options for a request: the server's limit for its task, or fewer tokens if it asks."""
@@ -77,7 +84,7 @@ class Running:
 
     @property
     def text_fence(self) -> TextFence:
-        return TextFence(self.runtime.control_tokens, self.service.settings.max_prompt_chars)
+        return self.service.text_fence(self.runtime)
 
 
 def get_running(request: Request) -> Running:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import date
 from functools import partial
@@ -240,6 +240,11 @@ def pacs_settings(settings: Settings) -> PacsSettings:
     )
 
 
+# The body fields that say what to pull and store, not what to ask.
+PACS_FIELDS = {"store", "instances", "prior"}
+Pull = Callable[[Dicomweb, Settings, BaseModel], Awaitable["PulledImages"]]
+
+
 def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Response]]:
     body_model, answer_model = REQUEST_MODELS[instance_operation(task)], RESPONSE_MODELS[task.name]
 
@@ -251,22 +256,13 @@ def dicomweb_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any,
         x_request_timeout: RequestTimeout = None,
         x_request_id: RequestId = None,
     ) -> Response:
-        arrived = time.monotonic()
-        request_record(request).task = task.name
-        running = get_running(request)
-        settings = running.service.settings
-        pacs = Dicomweb(pacs_settings(settings))
-        running.engine.check_admission()
-        async with deadline(request, x_request_timeout) as deadline_s:
-            with running.service.uploads.take():
-                body = await read_body(request, body_model, settings)
-                store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
-                fields: TaskFields = task.fields.model_validate(body.model_dump(exclude={"store"}))
-                running.text_fence.check(client_texts(fields))
-                uids = InstanceUids(study_instance_uid, series_instance_uid, sop_instance_uid)
-                dicom = await pacs.retrieve_instance(uids.study, uids.series, uids.instance)
-            pulled = PulledImages([uids], [None], [dicom], prior_study_instance_uid=None)
-            answer = await answer_on(request, task, fields, pulled, pacs, store, arrived, deadline_s)
+        uids = InstanceUids(study_instance_uid, series_instance_uid, sop_instance_uid)
+
+        async def pull(pacs: Dicomweb, settings: Settings, body: BaseModel) -> PulledImages:
+            dicom = await pacs.retrieve_instance(uids.study, uids.series, uids.instance)
+            return PulledImages([uids], [None], [dicom], prior_study_instance_uid=None)
+
+        answer, _ = await pulled_and_answered(request, task, body_model, x_request_timeout, pull)
         return JSONResponse(answer_model(**answer).model_dump(mode="json"))
 
     endpoint.__name__ = instance_operation(task)
@@ -284,32 +280,47 @@ def dicomweb_series_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[An
         x_request_timeout: RequestTimeout = None,
         x_request_id: RequestId = None,
     ) -> Response:
-        arrived = time.monotonic()
-        request_record(request).task = task.name
-        running = get_running(request)
-        settings = running.service.settings
-        pacs = Dicomweb(pacs_settings(settings))
-        running.engine.check_admission()
-        async with deadline(request, x_request_timeout) as deadline_s:
-            with running.service.uploads.take():
-                body = await read_body(request, body_model, settings)
-                store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
-                asked: Asked = body.instances  # type: ignore[attr-defined]
-                with_prior: bool = getattr(body, "prior", False)
-                fields: TaskFields = task.fields.model_validate(
-                    body.model_dump(exclude={"store", "instances", "prior"})
-                )
-                running.text_fence.check(client_texts(fields))
-                pulled = await pull_series(
-                    pacs, settings, study_instance_uid, series_instance_uid, asked, with_prior=with_prior
-                )
-            answer = await answer_on(request, task, fields, pulled, pacs, store, arrived, deadline_s)
+        async def pull(pacs: Dicomweb, settings: Settings, body: BaseModel) -> PulledImages:
+            asked: Asked = body.instances  # type: ignore[attr-defined]
+            with_prior: bool = getattr(body, "prior", False)
+            return await pull_series(
+                pacs, settings, study_instance_uid, series_instance_uid, asked, with_prior=with_prior
+            )
+
+        answer, pulled = await pulled_and_answered(request, task, body_model, x_request_timeout, pull)
         if task.name in PRIOR_TASKS:
             answer["prior_study_instance_uid"] = pulled.prior_study_instance_uid
         return JSONResponse(answer_model(**answer).model_dump(mode="json"))
 
     endpoint.__name__ = series_operation(task)
     return endpoint
+
+
+async def pulled_and_answered(
+    request: Request,
+    task: Task[Any, Any],
+    body_model: type[BaseModel],
+    timeout_s: float | None,
+    pull: Pull,
+) -> tuple[dict[str, Any], PulledImages]:
+    """A DICOMweb request's way, in the order of an upload's: admission before anything is fetched, then
+    the body and the images pulled from the PACS (holding an upload slot, as an upload would), then the
+    task on them, all within the request's deadline. The task's JSON answer, and what was pulled."""
+    arrived = time.monotonic()
+    request_record(request).task = task.name
+    running = get_running(request)
+    settings = running.service.settings
+    pacs = Dicomweb(pacs_settings(settings))
+    running.engine.check_admission()
+    async with deadline(request, timeout_s) as deadline_s:
+        with running.service.uploads.take():
+            body = await read_body(request, body_model, settings)
+            store: list[Literal["sr", "gsps"]] = body.store  # type: ignore[attr-defined]
+            fields: TaskFields = task.fields.model_validate(body.model_dump(exclude=PACS_FIELDS))
+            running.text_fence.check(client_texts(fields))
+            pulled = await pull(pacs, settings, body)
+        answer = await answer_on(request, task, fields, pulled, pacs, store, arrived, deadline_s)
+    return answer, pulled
 
 
 async def answer_on(

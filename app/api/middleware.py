@@ -67,9 +67,6 @@ class Accepted:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def enter(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
         self._idle.clear()

@@ -416,7 +416,7 @@ class ContinuousEngine(Gated):
             except Exception as exc:
                 if self._is_fatal(exc):
                     raise
-                self._fail_running(exc, active)
+                self._fail_running(exc)
             else:
                 launched = (list(self._active), time.monotonic())
                 for job in self._active:
@@ -432,7 +432,7 @@ class ContinuousEngine(Gated):
         except Exception as exc:
             if self._is_fatal(exc):
                 raise
-            self._fail_running(exc, len(self._active))
+            self._fail_running(exc)
             return
         self._metrics.decode_step_seconds.observe(time.monotonic() - began)
         for job, token in zip(rows, tokens, strict=True):
@@ -440,8 +440,8 @@ class ContinuousEngine(Gated):
                 self._emit(job, token)
         self._retire([row for row, job in enumerate(self._active) if job.tokens and self._finished(job)])
 
-    def _fail_running(self, exc: Exception, active: int) -> None:
-        logger.warning("a decode step failed for %d requests: %s", active, type(exc).__name__)
+    def _fail_running(self, exc: Exception) -> None:
+        logger.warning("a decode step failed for %d requests: %s", len(self._active), type(exc).__name__)
         for job in self._active:
             job.failure = BatchFailedError("generation failed for this request")
             job.failure.__cause__ = exc

@@ -82,14 +82,17 @@ def check_report_sources(sources: Sequence[DicomSource]) -> None:
     references the others, a prior study's included)."""
     for source in sources:
         check_report_source(source)
-    patients = {_patient(source.header) for source in sources}
-    if len(patients) > 1:
+    check_one_patient(sources)
+    if len(sources) > 1:
+        _trial(lambda: _document(sources, _TRIAL_AUTHOR, [], "trial"), "a DICOM Structured Report")
+
+
+def check_one_patient(sources: Sequence[DicomSource]) -> None:
+    if len({_patient(source.header) for source in sources}) > 1:
         raise ReportSourceError(
             "the images belong to different patients (Patient ID, Issuer of Patient ID): one report cannot "
             "be about them all"
         )
-    if len(sources) > 1:
-        _trial(lambda: _document(sources, _TRIAL_AUTHOR, [], "trial"), "a DICOM Structured Report")
 
 
 def _patient(header: Dataset) -> tuple[str, str]:

@@ -30,8 +30,8 @@ from app.outputs.dicom_sr import (
     Author,
     ReportSourceError,
     anchored_header,
+    check_one_patient,
     check_report_source,
-    check_report_sources,
 )
 from app.outputs.overlay import UNLABELLED, Annotation
 
@@ -46,7 +46,7 @@ def check_presentation_sources(sources: Sequence[DicomSource]) -> None:
     images; a prior study's need a report)."""
     for source in sources:
         check_presentation_source(source)
-    check_report_sources(sources)  # one patient
+    check_one_patient(sources)
     if len({source.study_instance_uid for source in sources}) > 1:
         raise ReportSourceError(
             "a Presentation State references images of one study, and these are of several (a prior's, "
