@@ -7,8 +7,9 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from app.engine.request import Generation, PreparedRequest
+from app.engine.request import Generation, PreparedRequest, TokenMatcher
 from app.engine.runtime import ModelRuntime
+from app.engine.sampling import Chosen
 from app.engine.slots import SlotRunner
 
 
@@ -71,6 +72,7 @@ class InstrumentedRunner(Gated):
         self.prefills: list[list[PreparedRequest]] = []
         self.prefill_slots: list[list[int]] = []
         self.decodes: list[int] = []  # rows of each decode step launched
+        self.scored: list[PreparedRequest] = []
 
     def warm_up(self) -> None:
         self.inner.warm_up()
@@ -79,21 +81,29 @@ class InstrumentedRunner(Gated):
     def graphs_replaying(self) -> int:
         return self.inner.graphs_replaying
 
-    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
+    def prefill(
+        self, entries: Sequence[tuple[int, PreparedRequest]], masks: Sequence[tuple[int, TokenMatcher]] = ()
+    ) -> Chosen:
         self.enter()
         self.prefills.append([request for _, request in entries])
         self.prefill_slots.append([slot for slot, _ in entries])
         self.fail_if_asked(request for _, request in entries)
-        return self.inner.prefill(entries)
+        return self.inner.prefill(entries, masks)
 
-    def launch(self, active: int) -> None:
+    def launch(self, active: int, masks: Sequence[tuple[int, TokenMatcher]] = ()) -> None:
         self.enter()
         self.decodes.append(active)
         self.fail_if_asked(())
-        self.inner.launch(active)
+        self.inner.launch(active, masks)
 
-    def collect(self) -> list[int]:
+    def collect(self) -> Chosen:
         return self.inner.collect()
+
+    def score(self, request: PreparedRequest) -> tuple[float, ...]:
+        self.enter()
+        self.scored.append(request)
+        self.fail_if_asked([request])
+        return self.inner.score(request)
 
     def move(self, source: int, target: int) -> None:
         self.inner.move(source, target)

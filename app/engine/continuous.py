@@ -42,8 +42,9 @@ from app.engine.protocol import (
     TokenDelta,
     WorkerDiedError,
 )
-from app.engine.request import Generation, PreparedRequest
+from app.engine.request import Generation, PreparedRequest, TokenLogprobs, TokenMatcher
 from app.engine.runtime import is_fatal_error
+from app.engine.sampling import Chosen
 from app.metrics import Metrics
 
 logger = logging.getLogger("medmo.engine")
@@ -65,14 +66,24 @@ class Runner(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]: ...
-
-    def launch(self, active: int) -> None:
-        """Start a decode step for slots 0..active-1 without waiting for it."""
+    def prefill(
+        self, entries: Sequence[tuple[int, PreparedRequest]], masks: Sequence[tuple[int, TokenMatcher]] = ()
+    ) -> Chosen:
+        """Start requests in consecutive slots; a request sharing an earlier entry's prompt shares its
+        prefill. `masks`: the constrained entries' grammars, by slot."""
         ...
 
-    def collect(self) -> list[int]:
+    def launch(self, active: int, masks: Sequence[tuple[int, TokenMatcher]] = ()) -> None:
+        """Start a decode step for slots 0..active-1 without waiting for it; `masks`: the constrained rows'
+        grammars, by row (such a step must follow the collection of every earlier one)."""
+        ...
+
+    def collect(self) -> Chosen:
         """The tokens of the oldest launched step not yet collected, once it has ended."""
+        ...
+
+    def score(self, request: PreparedRequest) -> tuple[float, ...]:
+        """Each of the request's continuations' log-probability as the answer to its prompt."""
         ...
 
     def move(self, source: int, target: int) -> None: ...
@@ -85,7 +96,12 @@ class Runner(Protocol):
 class Finisher(Protocol):
     eos_token_ids: frozenset[int]
 
-    def finish(self, request: PreparedRequest, tokens: Sequence[int]) -> Generation: ...
+    def finish(
+        self,
+        request: PreparedRequest,
+        tokens: Sequence[int],
+        logprobs: Sequence[TokenLogprobs] | None = None,
+    ) -> Generation: ...
 
 
 @dataclass(eq=False)
@@ -100,6 +116,9 @@ class _Job:
     abandoned: bool = False
     # The scheduler's own, from here on.
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None  # when asked for
+    matcher: TokenMatcher | None = None  # the grammar's state, for a constrained request
+    scores: tuple[float, ...] | None = None  # a scoring request's result
     started_at: float = 0.0
     first_token_at: float = 0.0
     batch_size: int = 0
@@ -264,7 +283,16 @@ class ContinuousEngine(Gated):
 
     def _completed(self, job: _Job) -> Completed:
         finished_at = time.monotonic()
-        generation = self._finisher.finish(job.request, job.tokens)
+        if job.scores is not None:
+            generation = Generation(
+                text="",
+                token_ids=(),
+                prompt_tokens=job.request.prompt_tokens,
+                finish_reason="stop",
+                scores=job.scores,
+            )
+        else:
+            generation = self._finisher.finish(job.request, job.tokens, job.logprobs)
         if len(job.tokens) > 1:
             per_token = (finished_at - job.first_token_at) / (len(job.tokens) - 1)
             self._metrics.inter_token_latency.observe(per_token)
@@ -354,11 +382,19 @@ class ContinuousEngine(Gated):
         chosen: list[_Job] = []
         tokens = 0
         while self._waiting and len(chosen) < free:
-            cost = self._waiting[0].request.prompt_tokens
+            job = self._waiting[0]
+            if job.request.options.continuations is not None:
+                self._score(self._waiting.popleft())
+                continue
+            # A prompt shared with the request before it (the n choices of one request) is computed once.
+            shared = bool(chosen) and chosen[-1].request.features is job.request.features
+            cost = 0 if shared else job.request.prompt_tokens
             if chosen and tokens + cost > self.prefill_token_budget:
                 break
             chosen.append(self._waiting.popleft())
             tokens += cost
+        if not chosen:
+            return
         first_slot = len(self._active)
         started = time.monotonic()
         for job in chosen:
@@ -382,10 +418,30 @@ class ContinuousEngine(Gated):
                 done.append(slot)
         self._retire(done)
 
+    def _score(self, job: _Job) -> None:
+        """A scoring request runs on its own, between steps, and holds no slot."""
+        job.started_at = time.monotonic()
+        job.batch_size = 1
+        self._outbox.started.append(job)
+        try:
+            job.scores = self._runner.score(job.request)
+        except Exception as exc:
+            if self._is_fatal(exc):
+                raise
+            logger.warning("scoring failed for one request: %s", type(exc).__name__)
+            job.failure = BatchFailedError("scoring failed for this request")
+            job.failure.__cause__ = exc
+        job.retired = True
+        self._outbox.ended.append(job)
+
     def _prefill_isolating(self, entries: list[tuple[int, _Job]]) -> None:
         """Prefill; if it fails, split the group to find the request that fails and still start the rest."""
+        for _, job in entries:
+            constraint = job.request.options.constraint
+            job.matcher = constraint.matcher() if constraint is not None else None
+        masks = [(slot, job.matcher) for slot, job in entries if job.matcher is not None]
         try:
-            firsts = self._runner.prefill([(slot, job.request) for slot, job in entries])
+            firsts = self._runner.prefill([(slot, job.request) for slot, job in entries], masks)
         except Exception as exc:
             if self._is_fatal(exc):
                 raise
@@ -400,19 +456,26 @@ class ContinuousEngine(Gated):
             self._prefill_isolating(entries[middle:])
             return
         now = time.monotonic()
-        for (_, job), token in zip(entries, firsts, strict=True):
+        for row, (_, job) in enumerate(entries):
             job.first_token_at = now
-            self._emit(job, token)
+            self._emit(job, firsts, row)
 
     def _decode(self) -> None:
         """One step ahead: launch the next step for the running requests, then read the previous step's
         tokens while the device works on it. A request that ended in the previous step has run one step
         more in the new one; that token is dropped, and its slot is given up now."""
         launched = None
+        masks = [(row, job.matcher) for row, job in enumerate(self._active) if job.matcher is not None]
+        if masks and self._launched is not None:
+            # A grammar says what may come next only once it has taken the previous token: while a
+            # constrained request runs, each step waits for the one before it to be read.
+            waited_for, self._launched = self._launched, None
+            self._read(*waited_for)
+            masks = [(row, job.matcher) for row, job in enumerate(self._active) if job.matcher is not None]
         active = len(self._active)
         if active:
             try:
-                self._runner.launch(active)
+                self._runner.launch(active, masks)
             except Exception as exc:
                 if self._is_fatal(exc):
                     raise
@@ -435,9 +498,9 @@ class ContinuousEngine(Gated):
             self._fail_running(exc)
             return
         self._metrics.decode_step_seconds.observe(time.monotonic() - began)
-        for job, token in zip(rows, tokens, strict=True):
+        for row, job in enumerate(rows):
             if not job.retired:
-                self._emit(job, token)
+                self._emit(job, tokens, row)
         self._retire([row for row, job in enumerate(self._active) if job.tokens and self._finished(job)])
 
     def _fail_running(self, exc: Exception) -> None:
@@ -450,10 +513,21 @@ class ContinuousEngine(Gated):
             self._runner.collect()
             self._launched = None
 
-    def _emit(self, job: _Job, token: int) -> None:
+    def _emit(self, job: _Job, chosen: Chosen, row: int) -> None:
+        token = chosen.tokens[row]
         job.tokens.append(token)
+        logprobs = None
+        asked = job.request.options.logprobs
+        if asked is not None and chosen.logprobs is not None:
+            taken = chosen.logprobs[row]
+            logprobs = (TokenLogprobs(taken.logprob, taken.top[:asked]),)
+            if job.logprobs is None:
+                job.logprobs = []
+            job.logprobs.extend(logprobs)
+        if job.matcher is not None and token not in self._eos:
+            job.matcher.accept(token)
         if job.deltas:
-            self._outbox.events.append((job, TokenDelta((token,))))
+            self._outbox.events.append((job, TokenDelta((token,), logprobs)))
 
     def _finished(self, job: _Job) -> bool:
         return job.tokens[-1] in self._eos or len(job.tokens) >= job.request.options.max_new_tokens

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from app.engine.request import Generation, PreparedRequest
+from app.engine.request import Generation, PreparedRequest, TokenLogprobs
 
 
 class EngineState(StrEnum):
@@ -66,6 +66,7 @@ class TokenDelta:
     """Tokens a request generated since its previous event."""
 
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] | None = None  # one per token, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,15 @@ from qwen_vl_utils import fetch_image, smart_resize
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from app.conversation import Conversation
-from app.engine.request import FinishReason, Generation, GenerationOptions, PreparedRequest
+from app.engine.request import (
+    FinishReason,
+    Generation,
+    GenerationOptions,
+    PreparedRequest,
+    TokenLogprobs,
+    TokenMatcher,
+)
+from app.engine.sampling import RowRules, bitmask_words, choose, needs_rules
 from app.imaging.errors import UnusableImageError
 from app.settings import Settings
 from app.startup import weights
@@ -58,7 +66,12 @@ class Runtime(Protocol):
 
     def generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]: ...
 
-    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation: ...
+    def finish(
+        self,
+        request: PreparedRequest,
+        tokens: Iterable[int],
+        logprobs: Sequence[TokenLogprobs] | None = None,
+    ) -> Generation: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
@@ -383,12 +396,22 @@ class ModelRuntime:
         """Run the requests as one generate() call; results come back in the same order.
 
         Requests may ask for different numbers of tokens: the call runs to the largest, and each request keeps
-        its own first tokens. Decoding is greedy, so those are exactly what it would have generated alone.
+        its own first tokens. Greedy decoding gives exactly what each would have generated alone; so do
+        seeded sampling and constraints, which choose each row's tokens by its own rules
+        (`app.engine.sampling`) inside the call. Scoring requests are scored, one after the other.
         """
         if not batch:
             return []
         if len({item.options.group for item in batch}) > 1:
             raise ValueError("requests of different groups cannot share a generate() call")
+        generating = [item for item in batch if item.options.continuations is None]
+        generated = iter(self._generate(generating) if generating else [])
+        return [
+            self._scored(item) if item.options.continuations is not None else next(generated)
+            for item in batch
+        ]
+
+    def _generate(self, batch: Sequence[PreparedRequest]) -> list[Generation]:
         inputs = collate([item.features for item in batch], self.pad_token_id)
         device = self.model.device
         inputs = {key: value.to(device) for key, value in inputs.items()}
@@ -398,9 +421,16 @@ class ModelRuntime:
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
         )
+        ruled = (
+            RuledChoice(batch, self.model.lm_head.out_features, device, self.eos_token_ids)
+            if any(needs_rules(item.options) for item in batch)
+            else None
+        )
         try:
             with torch.inference_mode():
-                output = self.model.generate(**inputs, generation_config=config)
+                output = self.model.generate(
+                    **inputs, generation_config=config, logits_processor=[ruled] if ruled else None
+                )
         except torch.OutOfMemoryError:
             # Give the cached blocks back so that the smaller batches the caller retries with can fit.
             if torch.cuda.is_available():
@@ -408,12 +438,31 @@ class ModelRuntime:
             raise
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [
-            self.finish(item, row[: item.options.max_new_tokens])
-            for item, row in zip(batch, new_tokens, strict=True)
+            self.finish(
+                item,
+                row[: item.options.max_new_tokens],
+                ruled.logprobs_of(index) if ruled and item.options.logprobs is not None else None,
+            )
+            for index, (item, row) in enumerate(zip(batch, new_tokens, strict=True))
         ]
 
-    def finish(self, request: PreparedRequest, tokens: Iterable[int]) -> Generation:
-        """The generation a request's tokens make: up to and including its end-of-turn token, as text."""
+    def _scored(self, request: PreparedRequest) -> Generation:
+        from app.engine.scoring import score_continuations
+
+        assert request.options.continuations is not None
+        scores = score_continuations(self.model, request, request.options.continuations)
+        return Generation(
+            text="", token_ids=(), prompt_tokens=request.prompt_tokens, finish_reason="stop", scores=scores
+        )
+
+    def finish(
+        self,
+        request: PreparedRequest,
+        tokens: Iterable[int],
+        logprobs: Sequence[TokenLogprobs] | None = None,
+    ) -> Generation:
+        """The generation a request's tokens make: up to and including its end-of-turn token, as text, with
+        as many of the alternatives beside each token as the request asked for."""
         kept: list[int] = []
         reason: FinishReason = "length"
         for token in tokens:
@@ -422,9 +471,68 @@ class ModelRuntime:
                 reason = "stop"
                 break
         text = self.decode(kept)
+        asked = request.options.logprobs
         return Generation(
-            text=text, token_ids=tuple(kept), prompt_tokens=request.prompt_tokens, finish_reason=reason
+            text=text,
+            token_ids=tuple(kept),
+            prompt_tokens=request.prompt_tokens,
+            finish_reason=reason,
+            logprobs=tuple(TokenLogprobs(item.logprob, item.top[:asked]) for item in logprobs[: len(kept)])
+            if logprobs is not None and asked is not None
+            else None,
         )
+
+
+class RuledChoice:
+    """A logits processor that chooses each row's token inside `generate()` by the row's own rules
+    (`app.engine.sampling.choose`: sampling, penalty, constraint), then leaves only that token possible, so
+    that generate()'s own greedy step takes it. It records the log-probabilities the rows asked for."""
+
+    def __init__(
+        self, batch: Sequence[PreparedRequest], vocabulary: int, device: torch.device, eos: frozenset[int]
+    ) -> None:
+        self.rules = RowRules(len(batch), vocabulary, device)
+        for row, item in enumerate(batch):
+            self.rules.set(row, item.options, item.features["input_ids"][0])
+        self.matchers: list[TokenMatcher | None] = [
+            item.options.constraint.matcher() if item.options.constraint is not None else None
+            for item in batch
+        ]
+        self._masks = torch.full((len(batch), bitmask_words(vocabulary)), -1, dtype=torch.int32)
+        self._eos = eos
+        self._done = [False] * len(batch)
+        self._prompt: int | None = None
+        self._logprobs: list[list[TokenLogprobs]] = [[] for _ in batch]
+
+    def logprobs_of(self, row: int) -> list[TokenLogprobs]:
+        return self._logprobs[row]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._prompt is None:
+            self._prompt = int(input_ids.shape[1])
+        elif input_ids.shape[1] > self._prompt:
+            # The token each row took in the previous step; rows that ended take padding from then on.
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if self._done[row]:
+                    continue
+                if token in self._eos:
+                    self._done[row] = True
+                elif (matcher := self.matchers[row]) is not None:
+                    matcher.accept(token)
+        for row, matcher in enumerate(self.matchers):
+            if matcher is not None and not self._done[row]:
+                matcher.fill(self._masks, row)
+        if any(matcher is not None for matcher in self.matchers):
+            self.rules.bitmask.copy_(self._masks)
+        tokens = choose(scores[:, : self.rules.vocabulary], self.rules)
+        logprob = self.rules.logprob.tolist()
+        top_ids, top_values = self.rules.top_ids.tolist(), self.rules.top_logprobs.tolist()
+        for row in range(len(self._done)):
+            self._logprobs[row].append(
+                TokenLogprobs(logprob[row], tuple(zip(top_ids[row], top_values[row], strict=True)))
+            )
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, tokens.view(-1, 1), 0.0)
 
 
 def is_fatal_error(exc: BaseException) -> bool:

@@ -41,8 +41,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from app.engine.request import PreparedRequest
+from app.engine.request import MAX_TOP_LOGPROBS, PreparedRequest, TokenMatcher
 from app.engine.runtime import ModelLoadError
+from app.engine.sampling import Chosen, RowRules, bitmask_words, choose, needs_rules
 
 logger = logging.getLogger("medmo.engine")
 
@@ -85,7 +86,7 @@ class SlotCache:
         element = torch.empty((), dtype=dtype).element_size()
         return int(2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * element)
 
-    def move(self, source: int, target: int, length: int) -> None:
+    def copy(self, source: int, target: int, length: int) -> None:
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
 
@@ -264,24 +265,31 @@ class SlotRunner:
         self._rows = torch.arange(slots, device=device)
         self._positions = torch.arange(context, device=device)
         self.lengths = [0] * slots  # the host's copy, for choosing buckets without a device sync
+        # Each row's rules for choosing its tokens (sampling, penalty, mask), and the step's logits they are
+        # applied to. Rows whose requests ask for none of them take the plain argmax inside the step itself.
+        vocabulary = int(self._lm_head.out_features)
+        self.rules = RowRules(slots, vocabulary, device)
+        self._logits = torch.zeros(slots, vocabulary, dtype=dtype, device=device)
+        self._ruled = [False] * slots  # the host's copy: which rows need `choose`
+        self.prompt_tokens_computed = 0  # prompt tokens prefilled so far (a shared prompt counts once)
         # Where launched steps' tokens come back to the host (pinned on a GPU, so the copy runs alongside),
         # two steps' worth, and an event per buffer saying its step has ended.
         pinned = device.type == "cuda"
         self._read_back = [
-            (
-                torch.zeros(slots, dtype=torch.long, pin_memory=pinned),
-                torch.cuda.Event() if pinned else None,
-            )
-            for _ in range(2)
+            (_ReadBack(slots, pinned), torch.cuda.Event() if pinned else None) for _ in range(2)
         ]
+        # Constrained rows' masks, written by the host before the step that applies them.
+        self._masks = torch.full((slots, bitmask_words(vocabulary)), -1, dtype=torch.int32, pin_memory=pinned)
         self._launches = 0
-        self._in_flight: deque[tuple[torch.Tensor, torch.cuda.Event | None, int]] = deque()
+        self._in_flight: deque[tuple[_ReadBack, torch.cuda.Event | None, int, bool]] = deque()
         self._graphs: dict[tuple[int, int], Replayable] = {}
+        self._choosers: dict[int, Replayable] = {}  # a graph of `choose` per batch bucket
         self._want_graphs = graphs and device.type == "cuda"
         self._allow_eager = allow_eager
         self.graph_note = "off" if not self._want_graphs else "not captured yet"
         # The step that runs and is captured: torch.compile's, or the model's own eager one.
         self._decode_step: Callable[[int, int], None] = self._step
+        self._choose_step: Callable[[int], None] = self._choose
         self._compiled = compiled
         self.compile_note = "off"
         # Told (captured, total) after each graph: capture takes minutes for a large model (startup progress).
@@ -334,9 +342,13 @@ class SlotRunner:
         # recompile limit must hold them all, or later buckets would silently run uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 8)
         self._decode_step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        self._choose_step = torch.compile(self._choose, fullgraph=True, dynamic=False)
         for batch, span in buckets:
             self._decode_step(batch, span)
+        for batch in self.batch_buckets:
+            self._choose_step(batch)
         self._lengths.zero_()
+        self.rules.clear()
         took = time.monotonic() - began
         self.compile_note = f"compiled, {len(buckets)} buckets in {took:.0f} s"
         logger.info("decode step %s", self.compile_note)
@@ -361,9 +373,21 @@ class SlotRunner:
                 count += 1
                 if self.on_graph_captured is not None:
                     self.on_graph_captured(count, len(self.batch_buckets) * len(self.span_buckets))
+        for batch in reversed(self.batch_buckets):
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._choose_step(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                self._choose_step(batch)
+            pool = graph.pool()
+            self._choosers[batch] = graph
         torch.cuda.synchronize(self.device)
+        self.rules.clear()
         self.graph_note = (
-            f"{count} graphs ({len(self.batch_buckets)} batch x {len(self.span_buckets)} span buckets)"
+            f"{count} graphs ({len(self.batch_buckets)} batch x {len(self.span_buckets)} span buckets), "
+            f"and {len(self._choosers)} of the token choice with rules"
         )
 
     def verify_graphs(self) -> None:
@@ -385,22 +409,59 @@ class SlotRunner:
                     f"the graph of bucket (batch {batch}, span {span}) does not replay the decode step"
                     + (" (it changes nothing)" if torch.equal(replayed, tokens) else "")
                 )
+        for batch, graph in self._choosers.items():
+            self._logits[:batch] = torch.randn(batch, self.rules.vocabulary, generator=generator).to(
+                self._logits
+            )
+            self.rules.temperature[:batch] = 1.0
+            self.rules.greedy[:batch] = torch.arange(batch, device=self.device) % 2 == 0
+            self.rules.seeds[:batch] = torch.randint(0, 2**62, (batch,), generator=generator).to(self.device)
+            steps = self.rules.steps[:batch].clone()
+            self._choose_step(batch)
+            expected = self._tokens[:batch].clone()
+            self.rules.steps[:batch] = steps
+            self._tokens[:batch] = -1
+            graph.replay()
+            if not torch.equal(self._tokens[:batch], expected):
+                raise CaptureError(f"the graph of the token choice for batch {batch} does not replay it")
         self._tokens.zero_()
         self._deltas.zero_()
+        self.rules.clear()
 
     # --- the forward passes ---
 
-    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
-        """Run new requests' prompts into their slots; return each one's first generated token."""
+    def prefill(
+        self,
+        entries: Sequence[tuple[int, PreparedRequest]],
+        masks: Sequence[tuple[int, TokenMatcher]] = (),
+    ) -> Chosen:
+        """Run new requests' prompts into their slots (consecutive ones); return each one's first token.
+
+        A request whose prompt is the very one (the same prepared features) of an earlier entry, as the n
+        choices of one chat request are, is not computed again: the earlier entry's cache rows are copied
+        into its slot. `masks` are the constrained entries' grammars, by slot."""
+        slots = [slot for slot, _ in entries]
+        assert slots == list(range(slots[0], slots[0] + len(slots))), "prefill slots must be consecutive"
+        computed: list[tuple[int, PreparedRequest]] = []
+        source_of: list[int] = []  # for each entry, its row among the computed ones
+        for slot, request in entries:
+            earlier = next(
+                (row for row, (_, done) in enumerate(computed) if done.features is request.features), None
+            )
+            if earlier is None:
+                computed.append((slot, request))
+                earlier = len(computed) - 1
+            source_of.append(earlier)
+        self.prompt_tokens_computed += sum(request.prompt_tokens for _, request in computed)
         segments = []
         start = 0
-        for slot, request in entries:
+        for slot, request in computed:
             segments.append((slot, start, request.prompt_tokens))
             start += request.prompt_tokens
-        features = [request.features for _, request in entries]
+        features = [request.features for _, request in computed]
         device = self.device
         input_ids = torch.cat([f["input_ids"] for f in features], dim=1).to(device)
-        positions = torch.cat([request.rope_positions for _, request in entries], dim=1)
+        positions = torch.cat([request.rope_positions for _, request in computed], dim=1)
         # Every image of every request, in the order their tokens come; text-only requests bring none.
         pictured = [f for f in features if "pixel_values" in f]
         hidden = self.model.model(
@@ -414,47 +475,93 @@ class SlotRunner:
             medmo_slots=PrefillSlots(self.cache, segments),
         ).last_hidden_state
         ends = torch.tensor([begin + length - 1 for _, begin, length in segments], device=device)
-        first = self._lm_head(hidden[0, ends]).argmax(-1)
-        slots = torch.tensor([slot for slot, _ in entries], device=device)
-        self._tokens[slots] = first
-        self._lengths[slots] = torch.tensor([r.prompt_tokens for _, r in entries], device=device)
-        self._deltas[slots] = torch.tensor([r.rope_delta for _, r in entries], device=device)
-        for slot, request in entries:
+        logits = self._lm_head(hidden[0, ends])[torch.tensor(source_of, device=device)]
+        for (slot, request), row in zip(entries, source_of, strict=True):
+            source = computed[row][0]
+            if slot != source:
+                self.cache.copy(source, slot, request.prompt_tokens)
+            self.rules.set(slot, request.options, request.features["input_ids"][0])
+            self._ruled[slot] = needs_rules(request.options)
             self.lengths[slot] = request.prompt_tokens
-        return [int(token) for token in first.tolist()]
+        index = torch.tensor(slots, device=device)
+        self._lengths[index] = torch.tensor([r.prompt_tokens for _, r in entries], device=device)
+        self._deltas[index] = torch.tensor([r.rope_delta for _, r in entries], device=device)
+        if not any(self._ruled[slot] for slot in slots):
+            first = logits.argmax(-1)
+            self._tokens[index] = first
+            return Chosen([int(token) for token in first.tolist()])
+        self._write_masks(masks)
+        first = choose(logits, self.rules, slots[0])
+        self._tokens[index] = first
+        end = slots[-1] + 1
+        return Chosen.read(
+            first,
+            self.rules.logprob[slots[0] : end],
+            self.rules.top_ids[slots[0] : end],
+            self.rules.top_logprobs[slots[0] : end],
+        )
 
-    def decode(self, active: int) -> list[int]:
+    def decode(self, active: int, masks: Sequence[tuple[int, TokenMatcher]] = ()) -> Chosen:
         """One step, waited for: `launch` then `collect`."""
-        self.launch(active)
+        self.launch(active, masks)
         return self.collect()
 
-    def launch(self, active: int) -> None:
+    def launch(self, active: int, masks: Sequence[tuple[int, TokenMatcher]] = ()) -> None:
         """Start one token for each of slots 0..active-1, from the token each holds (the new ones are held
         next), without waiting for the device: its tokens are copied to the host as the step ends, for
         `collect`. Up to two steps may be launched before the first is collected, so that the scheduler can
-        start a step before it reads the previous one's tokens."""
+        start a step before it reads the previous one's tokens; but a step with `masks` (the constrained
+        rows' grammars, by row) must follow the collection of every earlier step, whose tokens the grammars
+        have to have taken first."""
         batch = smallest_at_least(active, self.batch_buckets)
         span = smallest_at_least(max(self.lengths[:active]) + 1, self.span_buckets)
+        ruled = bool(masks) or any(self._ruled[:active])
+        if masks:
+            assert not self._in_flight, "a constrained step must wait for the previous step's tokens"
+            self._write_masks(masks)
         graph = self._graphs.get((batch, span))
         if graph is not None:
             graph.replay()
         else:
             self._decode_step(batch, span)
+        if ruled:
+            chooser = self._choosers.get(batch)
+            if chooser is not None:
+                chooser.replay()
+            else:
+                self._choose_step(batch)
         self._lengths[:active] += 1
         self.lengths[:active] = [length + 1 for length in self.lengths[:active]]
         buffer, ready = self._read_back[self._launches % 2]
-        buffer[:active].copy_(self._tokens[:active], non_blocking=True)
+        buffer.tokens[:active].copy_(self._tokens[:active], non_blocking=True)
+        if ruled:
+            buffer.logprob[:active].copy_(self.rules.logprob[:active], non_blocking=True)
+            buffer.top_ids[:active].copy_(self.rules.top_ids[:active], non_blocking=True)
+            buffer.top_logprobs[:active].copy_(self.rules.top_logprobs[:active], non_blocking=True)
         if ready is not None:
             ready.record()
         self._launches += 1
-        self._in_flight.append((buffer, ready, active))
+        self._in_flight.append((buffer, ready, active, ruled))
 
-    def collect(self) -> list[int]:
+    def collect(self) -> Chosen:
         """The tokens of the oldest launched step not yet collected, once it has ended."""
-        buffer, ready, active = self._in_flight.popleft()
+        buffer, ready, active, ruled = self._in_flight.popleft()
         if ready is not None:
             ready.synchronize()
-        return [int(token) for token in buffer[:active].tolist()]
+        if not ruled:
+            return Chosen([int(token) for token in buffer.tokens[:active].tolist()])
+        return Chosen.read(
+            buffer.tokens[:active],
+            buffer.logprob[:active],
+            buffer.top_ids[:active],
+            buffer.top_logprobs[:active],
+        )
+
+    def _write_masks(self, masks: Sequence[tuple[int, TokenMatcher]]) -> None:
+        """The constrained rows' allowed tokens, from their grammars into their rows of the device's mask."""
+        for row, matcher in masks:
+            matcher.fill(self._masks, row)
+            self.rules.bitmask[row].copy_(self._masks[row], non_blocking=True)
 
     def _step(self, batch: int, span: int) -> None:
         """The decode step for `batch` rows reading `span` positions: what a graph captures."""
@@ -470,23 +577,41 @@ class SlotRunner:
             use_cache=False,
             medmo_slots=DecodeSlots(self.cache, self._rows[:batch], lengths, span),
         ).last_hidden_state
-        self._tokens[:batch] = self._lm_head(hidden[:, -1]).argmax(-1)
+        logits = self._lm_head(hidden[:, -1])
+        self._logits[:batch] = logits  # for `_choose`, when some row has rules
+        self._tokens[:batch] = logits.argmax(-1)
+
+    def _choose(self, batch: int) -> None:
+        """The tokens of the step's rows by their rules, over the logits the step left: what a second graph
+        captures, replayed after the step when some running request samples, is penalised, constrained, or
+        asks for log-probabilities."""
+        self._tokens[:batch] = choose(self._logits[:batch], self.rules)
+
+    def score(self, request: PreparedRequest) -> tuple[float, ...]:
+        """Each continuation's log-probability as the answer: the model's own forward, outside the slots."""
+        from app.engine.scoring import score_continuations
+
+        assert request.options.continuations is not None
+        return score_continuations(self.model, request, request.options.continuations)
 
     # --- slots ---
 
     def move(self, source: int, target: int) -> None:
         """Give slot `target` the request held in slot `source` (which becomes free)."""
         length = self.lengths[source]
-        self.cache.move(source, target, length)
+        self.cache.copy(source, target, length)
         for buffer in (self._tokens, self._lengths, self._deltas):
             buffer[target] = buffer[source]
+        self.rules.copy(source, target)
         self.lengths[target] = length
+        self._ruled[target] = self._ruled[source]
         self.release(source)
 
     def release(self, slot: int) -> None:
         """Mark a slot free. Its cache rows are left as they are: the next prefill into it overwrites them."""
         self._lengths[slot] = 0
         self.lengths[slot] = 0
+        self._ruled[slot] = False
 
     def describe(self) -> dict[str, object]:
         return {
@@ -496,6 +621,16 @@ class SlotRunner:
             "decode_graphs": self.graph_note,
             "compile": self.compile_note,
         }
+
+
+class _ReadBack:
+    """Host buffers a launched step's results are copied into (pinned on a GPU: the copy runs alongside)."""
+
+    def __init__(self, slots: int, pinned: bool) -> None:
+        self.tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
+        self.logprob = torch.zeros(slots, dtype=torch.float32, pin_memory=pinned)
+        self.top_ids = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.long, pin_memory=pinned)
+        self.top_logprobs = torch.zeros(slots, MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=pinned)
 
 
 def fit_slots(

@@ -264,10 +264,10 @@ class FailsToFinish:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def finish(self, request: PreparedRequest, tokens: Any) -> Any:
+    def finish(self, request: PreparedRequest, tokens: Any, logprobs: Any = None) -> Any:
         if request is self.poisoned:
             raise RuntimeError("these tokens cannot be decoded")
-        return self.inner.finish(request, tokens)
+        return self.inner.finish(request, tokens, logprobs)
 
 
 async def test_a_request_whose_text_cannot_be_made_fails_alone(runtime: ModelRuntime) -> None:
