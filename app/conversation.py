@@ -8,11 +8,14 @@ query; grounding several images asks one query per image (MedMO was trained to g
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from app.engine.grammar import Constraint
 
 Role = Literal["system", "user", "assistant"]
 Part = str | Image.Image
@@ -77,3 +80,6 @@ class Query:
 
     conversation: Conversation
     images: tuple[int, ...]
+    # The language the answer must be written in, given the sizes the model sees the images at (a box
+    # grammar bounds coordinates by them); None: free text.
+    answer_shape: Callable[[tuple[tuple[int, int], ...]], Constraint] | None = None

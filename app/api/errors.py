@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine.grammar import ConstraintError
 from app.engine.protocol import (
     BatchFailedError,
     ContextTooLongError,
@@ -61,6 +62,7 @@ _STATUS_BY_TYPE: list[tuple[type[Exception], int, str]] = [
     (ImageError, 400, "bad_image"),
     (ReportSourceError, 422, "incomplete_report_source"),
     (TextRefusedError, 422, "invalid_text"),
+    (ConstraintError, 422, "invalid_constraint"),
     (ContextTooLongError, 422, "context_too_long"),
     (QueueFullError, 429, "overloaded"),
     (NotAcceptingError, 503, "unavailable"),

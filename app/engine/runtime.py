@@ -13,7 +13,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +23,7 @@ from qwen_vl_utils import fetch_image, smart_resize
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from app.conversation import Conversation
+from app.engine.grammar import CompiledGrammar, Constraint, Grammars
 from app.engine.request import (
     FinishReason,
     Generation,
@@ -74,6 +75,10 @@ class Runtime(Protocol):
     ) -> Generation: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def answer_tokens(self, answer: str) -> tuple[int, ...]: ...
+
+    def constrained(self, request: PreparedRequest, constraint: Constraint) -> PreparedRequest: ...
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,13 @@ class ModelRuntime:
         # event loop (streamed text) and the engines' threads.
         self._processor_lock = threading.Lock()
         self._decoder = copy.deepcopy(tokenizer)
+        # Constraints are compiled against the model's logits, which may be wider than the tokenizer; a
+        # constrained answer ends on the end-of-turn token alone.
+        self.grammars = Grammars(
+            tokenizer,
+            vocab_size=int(model.lm_head.out_features),
+            eos_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        )
 
     @classmethod
     def load(cls, settings: Settings, progress: StartupProgress | None = None) -> ModelRuntime:
@@ -381,6 +393,18 @@ class ModelRuntime:
         )
         assert isinstance(resized, Image.Image)
         return resized
+
+    def answer_tokens(self, answer: str) -> tuple[int, ...]:
+        """The tokens of `answer` written as the model's whole reply: its text, then the end of the turn."""
+        with self._processor_lock:
+            tokens = self.processor.tokenizer.encode(answer, add_special_tokens=False)
+        return (*tokens, self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    def constrained(self, request: PreparedRequest, constraint: Constraint) -> PreparedRequest:
+        """The request, answered in the language of `constraint` (compiled once per distinct constraint;
+        ConstraintError if the grammar library refuses it)."""
+        compiled: CompiledGrammar = self.grammars.compile(constraint)
+        return replace(request, options=replace(request.options, constraint=compiled))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated tokens, as MedMO's quick start decodes them (special tokens skipped). Called on the
