@@ -22,7 +22,8 @@ import torch
 
 from app.engine.continuous import ContinuousEngine
 from app.engine.protocol import Completed
-from app.engine.request import Generation, GenerationOptions, PreparedRequest
+from app.engine.request import Generation, GenerationOptions, PreparedRequest, TokenLogprobs, TokenMatcher
+from app.engine.sampling import Chosen
 from app.metrics import Metrics
 
 TOKEN = 7  # never an end of turn: every request runs to its limit
@@ -46,10 +47,12 @@ class StandInDevice:
     def warm_up(self) -> None:
         pass
 
-    def prefill(self, entries: Sequence[tuple[int, PreparedRequest]]) -> list[int]:
-        return [TOKEN] * len(entries)
+    def prefill(
+        self, entries: Sequence[tuple[int, PreparedRequest]], masks: Sequence[tuple[int, TokenMatcher]] = ()
+    ) -> Chosen:
+        return Chosen([TOKEN] * len(entries))
 
-    def launch(self, active: int) -> None:
+    def launch(self, active: int, masks: Sequence[tuple[int, TokenMatcher]] = ()) -> None:
         if not self.overlapped:
             time.sleep(self.step_s)
             self._ends.append((time.monotonic(), active))
@@ -59,12 +62,15 @@ class StandInDevice:
             self._ends.append((max(time.monotonic(), previous) + self.step_s, active))
         self.steps += 1
 
-    def collect(self) -> list[int]:
+    def collect(self) -> Chosen:
         ends, active = self._ends.pop(0)
         wait = ends - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        return [TOKEN] * active
+        return Chosen([TOKEN] * active)
+
+    def score(self, request: PreparedRequest) -> tuple[float, ...]:
+        raise NotImplementedError("the stand-in device only decodes")
 
     def move(self, source: int, target: int) -> None:
         pass
@@ -79,7 +85,9 @@ class StandInDevice:
 class Finisher:
     eos_token_ids = frozenset({0})
 
-    def finish(self, request: PreparedRequest, tokens: Sequence[int]) -> Generation:
+    def finish(
+        self, request: PreparedRequest, tokens: Sequence[int], logprobs: Sequence[TokenLogprobs] | None = None
+    ) -> Generation:
         return Generation(
             text="", token_ids=tuple(tokens), prompt_tokens=request.prompt_tokens, finish_reason="length"
         )

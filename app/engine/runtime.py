@@ -32,7 +32,7 @@ from app.engine.request import (
     TokenLogprobs,
     TokenMatcher,
 )
-from app.engine.sampling import RowRules, bitmask_words, choose, needs_rules
+from app.engine.sampling import RowRules, bitmask_words, choose, needs_rules, samples
 from app.imaging.errors import UnusableImageError
 from app.settings import Settings
 from app.startup import weights
@@ -523,6 +523,7 @@ class RuledChoice:
             for item in batch
         ]
         self._masks = torch.full((len(batch), bitmask_words(vocabulary)), -1, dtype=torch.int32)
+        self._sample = any(samples(item.options) for item in batch)
         self._eos = eos
         self._done = [False] * len(batch)
         self._prompt: int | None = None
@@ -548,7 +549,7 @@ class RuledChoice:
                 matcher.fill(self._masks, row)
         if any(matcher is not None for matcher in self.matchers):
             self.rules.bitmask.copy_(self._masks)
-        tokens = choose(scores[:, : self.rules.vocabulary], self.rules)
+        tokens = choose(scores[:, : self.rules.vocabulary], self.rules, sample=self._sample)
         logprob = self.rules.logprob.tolist()
         top_ids, top_values = self.rules.top_ids.tolist(), self.rules.top_logprobs.tolist()
         for row in range(len(self._done)):

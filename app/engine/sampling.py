@@ -142,6 +142,10 @@ class RowRules:
             tensor[target] = tensor[source]
 
 
+def samples(options: GenerationOptions) -> bool:
+    return not options.sampling.greedy
+
+
 def needs_rules(options: GenerationOptions) -> bool:
     """Whether a request's tokens need more than the plain argmax."""
     return (
@@ -152,10 +156,10 @@ def needs_rules(options: GenerationOptions) -> bool:
     )
 
 
-def choose(logits: torch.Tensor, rules: RowRules, first: int = 0) -> torch.Tensor:
+def choose(logits: torch.Tensor, rules: RowRules, first: int = 0, *, sample: bool = True) -> torch.Tensor:
     """Each row's next token by its own rules (logits row i is rules row first + i), with its
     log-probabilities written to `rules.logprob` / `top_ids` / `top_logprobs`. Static shapes throughout: a
-    graph can capture it."""
+    graph can capture it. `sample=False` when no row samples: the sort that top-p needs is skipped."""
     batch = logits.shape[0]
     end = first + batch
     raw = logits.float()
@@ -169,7 +173,25 @@ def choose(logits: torch.Tensor, rules: RowRules, first: int = 0) -> torch.Tenso
     allowed = allowed_by(rules.bitmask[first:end], rules.words, rules.bits)
     scores = scores.masked_fill(~allowed, float("-inf"))
     greedy_tokens = scores.argmax(-1)
-    # Sampling: temperature, then top-k and top-p over the sorted scores, then Gumbel-max.
+    tokens = (
+        torch.where(rules.greedy[first:end], greedy_tokens, _sampled(scores, allowed, rules, first))
+        if sample
+        else greedy_tokens
+    )
+    # What the row has now seen, the step it is at, and the log-probabilities of what it took.
+    rules.seen[rules.rows[first:end], tokens] = True
+    rules.steps[first:end] += 1
+    rules.logprob[first:end] = logprobs.gather(-1, tokens.view(batch, 1)).view(batch)
+    top = logprobs.topk(MAX_TOP_LOGPROBS, dim=-1)
+    rules.top_logprobs[first:end] = top.values
+    rules.top_ids[first:end] = top.indices
+    return tokens
+
+
+def _sampled(scores: torch.Tensor, allowed: torch.Tensor, rules: RowRules, first: int) -> torch.Tensor:
+    """Draws: temperature, then top-k and top-p over the sorted scores, then Gumbel-max."""
+    batch = scores.shape[0]
+    end = first + batch
     scaled = scores / rules.temperature[first:end].view(batch, 1)
     ordered, _ = scaled.sort(-1, descending=True)
     kept = rules.ranks.view(1, -1) < rules.top_k[first:end].view(batch, 1)
@@ -182,16 +204,7 @@ def choose(logits: torch.Tensor, rules: RowRules, first: int = 0) -> torch.Tenso
     candidates = (scaled >= lowest) & allowed
     noise = uniform_noise(rules.seeds[first:end], rules.steps[first:end], rules.keys)
     gumbel = -torch.log(-torch.log(noise))
-    sampled_tokens = (scaled + gumbel).masked_fill(~candidates, float("-inf")).argmax(-1)
-    tokens = torch.where(rules.greedy[first:end], greedy_tokens, sampled_tokens)
-    # What the row has now seen, the step it is at, and the log-probabilities of what it took.
-    rules.seen[rules.rows[first:end], tokens] = True
-    rules.steps[first:end] += 1
-    rules.logprob[first:end] = logprobs.gather(-1, tokens.view(batch, 1)).view(batch)
-    top = logprobs.topk(MAX_TOP_LOGPROBS, dim=-1)
-    rules.top_logprobs[first:end] = top.values
-    rules.top_ids[first:end] = top.indices
-    return tokens
+    return (scaled + gumbel).masked_fill(~candidates, float("-inf")).argmax(-1)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from app.engine.request import MAX_TOP_LOGPROBS, PreparedRequest, TokenMatcher
 from app.engine.runtime import ModelLoadError
-from app.engine.sampling import Chosen, RowRules, bitmask_words, choose, needs_rules
+from app.engine.sampling import Chosen, RowRules, bitmask_words, choose, needs_rules, samples
 
 logger = logging.getLogger("medmo.engine")
 
@@ -271,6 +271,7 @@ class SlotRunner:
         self.rules = RowRules(slots, vocabulary, device)
         self._logits = torch.zeros(slots, vocabulary, dtype=dtype, device=device)
         self._ruled = [False] * slots  # the host's copy: which rows need `choose`
+        self._sampling = [False] * slots  # and which of them sample
         self.prompt_tokens_computed = 0  # prompt tokens prefilled so far (a shared prompt counts once)
         # Where launched steps' tokens come back to the host (pinned on a GPU, so the copy runs alongside),
         # two steps' worth, and an event per buffer saying its step has ended.
@@ -283,13 +284,14 @@ class SlotRunner:
         self._launches = 0
         self._in_flight: deque[tuple[_ReadBack, torch.cuda.Event | None, int, bool]] = deque()
         self._graphs: dict[tuple[int, int], Replayable] = {}
-        self._choosers: dict[int, Replayable] = {}  # a graph of `choose` per batch bucket
+        # A graph of `choose` per batch bucket, with and without sampling.
+        self._choosers: dict[tuple[int, bool], Replayable] = {}
         self._want_graphs = graphs and device.type == "cuda"
         self._allow_eager = allow_eager
         self.graph_note = "off" if not self._want_graphs else "not captured yet"
         # The step that runs and is captured: torch.compile's, or the model's own eager one.
         self._decode_step: Callable[[int, int], None] = self._step
-        self._choose_step: Callable[[int], None] = self._choose
+        self._choose_step: Callable[[int, bool], None] = self._choose
         self._compiled = compiled
         self.compile_note = "off"
         # Told (captured, total) after each graph: capture takes minutes for a large model (startup progress).
@@ -346,7 +348,8 @@ class SlotRunner:
         for batch, span in buckets:
             self._decode_step(batch, span)
         for batch in self.batch_buckets:
-            self._choose_step(batch)
+            for sample in (False, True):
+                self._choose_step(batch, sample)
         self._lengths.zero_()
         self.rules.clear()
         took = time.monotonic() - began
@@ -374,15 +377,16 @@ class SlotRunner:
                 if self.on_graph_captured is not None:
                     self.on_graph_captured(count, len(self.batch_buckets) * len(self.span_buckets))
         for batch in reversed(self.batch_buckets):
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._choose_step(batch)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=side):
-                self._choose_step(batch)
-            pool = graph.pool()
-            self._choosers[batch] = graph
+            for sample in (False, True):
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self._choose_step(batch, sample)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    self._choose_step(batch, sample)
+                pool = graph.pool()
+                self._choosers[(batch, sample)] = graph
         torch.cuda.synchronize(self.device)
         self.rules.clear()
         self.graph_note = (
@@ -409,7 +413,7 @@ class SlotRunner:
                     f"the graph of bucket (batch {batch}, span {span}) does not replay the decode step"
                     + (" (it changes nothing)" if torch.equal(replayed, tokens) else "")
                 )
-        for batch, graph in self._choosers.items():
+        for (batch, sample), graph in self._choosers.items():
             self._logits[:batch] = torch.randn(batch, self.rules.vocabulary, generator=generator).to(
                 self._logits
             )
@@ -417,13 +421,15 @@ class SlotRunner:
             self.rules.greedy[:batch] = torch.arange(batch, device=self.device) % 2 == 0
             self.rules.seeds[:batch] = torch.randint(0, 2**62, (batch,), generator=generator).to(self.device)
             steps = self.rules.steps[:batch].clone()
-            self._choose_step(batch)
+            self._choose_step(batch, sample)
             expected = self._tokens[:batch].clone()
             self.rules.steps[:batch] = steps
             self._tokens[:batch] = -1
             graph.replay()
             if not torch.equal(self._tokens[:batch], expected):
-                raise CaptureError(f"the graph of the token choice for batch {batch} does not replay it")
+                raise CaptureError(
+                    f"the graph of the token choice for batch {batch} (sampling: {sample}) does not replay it"
+                )
         self._tokens.zero_()
         self._deltas.zero_()
         self.rules.clear()
@@ -482,6 +488,7 @@ class SlotRunner:
                 self.cache.copy(source, slot, request.prompt_tokens)
             self.rules.set(slot, request.options, request.features["input_ids"][0])
             self._ruled[slot] = needs_rules(request.options)
+            self._sampling[slot] = samples(request.options)
             self.lengths[slot] = request.prompt_tokens
         index = torch.tensor(slots, device=device)
         self._lengths[index] = torch.tensor([r.prompt_tokens for _, r in entries], device=device)
@@ -491,7 +498,7 @@ class SlotRunner:
             self._tokens[index] = first
             return Chosen([int(token) for token in first.tolist()])
         self._write_masks(masks)
-        first = choose(logits, self.rules, slots[0])
+        first = choose(logits, self.rules, slots[0], sample=any(self._sampling[slot] for slot in slots))
         self._tokens[index] = first
         end = slots[-1] + 1
         return Chosen.read(
@@ -525,11 +532,12 @@ class SlotRunner:
         else:
             self._decode_step(batch, span)
         if ruled:
-            chooser = self._choosers.get(batch)
+            sample = any(self._sampling[:active])
+            chooser = self._choosers.get((batch, sample))
             if chooser is not None:
                 chooser.replay()
             else:
-                self._choose_step(batch)
+                self._choose_step(batch, sample)
         self._lengths[:active] += 1
         self.lengths[:active] = [length + 1 for length in self.lengths[:active]]
         buffer, ready = self._read_back[self._launches % 2]
@@ -581,11 +589,11 @@ class SlotRunner:
         self._logits[:batch] = logits  # for `_choose`, when some row has rules
         self._tokens[:batch] = logits.argmax(-1)
 
-    def _choose(self, batch: int) -> None:
+    def _choose(self, batch: int, sample: bool) -> None:
         """The tokens of the step's rows by their rules, over the logits the step left: what a second graph
         captures, replayed after the step when some running request samples, is penalised, constrained, or
         asks for log-probabilities."""
-        self._tokens[:batch] = choose(self._logits[:batch], self.rules)
+        self._tokens[:batch] = choose(self._logits[:batch], self.rules, sample=sample)
 
     def score(self, request: PreparedRequest) -> tuple[float, ...]:
         """Each continuation's log-probability as the answer: the model's own forward, outside the slots."""
@@ -605,6 +613,7 @@ class SlotRunner:
         self.rules.copy(source, target)
         self.lengths[target] = length
         self._ruled[target] = self._ruled[source]
+        self._sampling[target] = self._sampling[source]
         self.release(source)
 
     def release(self, slot: int) -> None:
@@ -612,6 +621,7 @@ class SlotRunner:
         self._lengths[slot] = 0
         self.lengths[slot] = 0
         self._ruled[slot] = False
+        self._sampling[slot] = False
 
     def describe(self) -> dict[str, object]:
         return {

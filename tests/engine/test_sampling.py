@@ -7,15 +7,19 @@ the goodness-of-fit test draws the same 2,000 tokens every time.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 from scipy.stats import chisquare
 
 from app.conversation import Conversation
+from app.engine.grammar import Constraint
 from app.engine.protocol import complete
 from app.engine.request import Generation, GenerationOptions, PreparedRequest, Sampling
 from app.engine.runtime import ModelRuntime
@@ -120,6 +124,7 @@ async def test_greedy_requests_keep_their_tokens_among_sampled_and_penalised_one
         prepare(runtime, 3, GenerationOptions(12, sampling=sampled(7))),
         prepare(runtime, 4, GenerationOptions(12, sampling=Sampling(repetition_penalty=1.5))),
         prepare(runtime, 5, GenerationOptions(12, logprobs=3)),
+        runtime.constrained(prepare(runtime, 6, GenerationOptions(12)), Constraint.choice(["left", "right"])),
     ]
     async with running(runtime, slots=6) as (engine, _):
         results = await asyncio.gather(*(run(engine, item) for item in [ruled[0], *greedy, *ruled[1:]]))
@@ -146,6 +151,42 @@ def goodness_of_fit(tokens: list[int], expected: torch.Tensor) -> float:
     assert len(observed_bins) > 20
     total = sum(expected_bins)
     return float(chisquare(observed_bins, [draws * mass / total for mass in expected_bins]).pvalue)
+
+
+async def test_a_constrained_answer_is_the_same_in_both_engines_and_in_its_language(
+    runtime: ModelRuntime,
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "side": {"enum": ["left", "right", "bilateral"]},
+            "size_mm": {"type": "integer", "minimum": 0, "maximum": 300},
+            "urgent": {"type": "boolean"},
+        },
+        "required": ["side", "size_mm", "urgent"],
+        "additionalProperties": False,
+    }
+    requests = [
+        runtime.constrained(prepare(runtime, index, GenerationOptions(64, sampling=sampling)), constraint)
+        for index, (sampling, constraint) in enumerate(
+            [
+                (Sampling(), Constraint.json_schema(schema)),
+                (sampled(3), Constraint.json_schema(schema)),
+                (Sampling(), Constraint.regex(r"(yes|no), [0-9]{1,2}%")),
+                (sampled(5), Constraint.choice(["pleural effusion", "pneumothorax", "normal"])),
+            ]
+        )
+    ]
+    async with running(runtime, slots=4) as (engine, _):
+        continuous = await asyncio.gather(*(run(engine, request) for request in requests))
+    reference = runtime.generate(requests)
+    assert [result.generation for result in continuous] == reference
+    for generation in reference:
+        assert generation.finish_reason == "stop"
+    jsonschema.validate(json.loads(reference[0].text), schema)
+    jsonschema.validate(json.loads(reference[1].text), schema)
+    assert re.fullmatch(r"(yes|no), [0-9]{1,2}%", reference[2].text)
+    assert reference[3].text in {"pleural effusion", "pneumothorax", "normal"}
 
 
 async def test_the_first_token_over_2000_draws_follows_the_models_softmax(
