@@ -11,6 +11,9 @@ shown, and the first source's Modality LUT (highdicom copies it).
 highdicom builds states for images of one size only; a study's views differ (a frontal and a lateral
 radiograph), so for those its displayed area is rewritten as one item per size, naming its images, which
 is what DICOM's Displayed Area module provides for.
+
+Its series shows the images' body part and side when they agree on one; General Series Laterality is
+written empty (unknown) when the images do not say, and left out for a body part known to be unpaired.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ def presentation_state(
         voi_lut_transformations=_windows(sources, referenced),
         modality_lut_transformation=_classic_multiframe_rescale(headers[0]),
     )
+    _describe_series_anatomy(state, headers)
     if len({(header.Rows, header.Columns) for header in headers}) > 1:
         state.DisplayedAreaSelectionSequence = _displayed_areas(
             state.DisplayedAreaSelectionSequence[0], headers
@@ -148,6 +152,40 @@ def presentation_state(
     buffer = io.BytesIO()
     state.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# Body parts (PS3.16 Annex L defined terms) that are not paired: a series of them has no laterality.
+UNPAIRED_BODY_PARTS = frozenset(
+    {
+        "ABDOMEN", "ABDOMENPELVIS", "AORTA", "BLADDER", "BRAIN", "CHEST", "CHESTABDOMEN", "CHESTABDPELVIS",
+        "COCCYX", "COLON", "CSPINE", "ESOPHAGUS", "HEAD", "HEADNECK", "HEART", "LIVER", "LSPINE",
+        "MEDIASTINUM", "NECK", "PANCREAS", "PELVIS", "PROSTATE", "SACRUM", "SKULL", "SPINE", "SPLEEN",
+        "SSPINE", "STOMACH", "THYROID", "TRACHEA", "TSPINE", "UTERUS", "WHOLEBODY",
+    }
+)  # fmt: skip
+
+
+def _describe_series_anatomy(state: Dataset, headers: Sequence[Dataset]) -> None:
+    """The state's series shows the images' body part, and so has their laterality (General Series).
+
+    Laterality is Type 2C: required for a paired body part unless each image states its own. The state's
+    series states it when the images agree on one side (their series' Laterality, else their Image
+    Laterality); leaves it out for a body part known to be unpaired; and otherwise writes it empty, which
+    is DICOM's "unknown": the images do not say which body part, or which side, they show.
+    """
+    body_parts = {str(header.get("BodyPartExamined") or "").strip().upper() for header in headers}
+    (body_part,) = body_parts if len(body_parts) == 1 else ("",)
+    if body_part:
+        state.BodyPartExamined = body_part
+    sides = {
+        str(header.get("Laterality") or header.get("ImageLaterality") or "").strip().upper()
+        for header in headers
+    }
+    (side,) = sides if len(sides) == 1 else ("",)
+    if side in {"R", "L"}:
+        state.Laterality = side
+    elif body_part not in UNPAIRED_BODY_PARTS:
+        state.Laterality = ""
 
 
 def _sized_as(model: Dataset, header: Dataset) -> Dataset:

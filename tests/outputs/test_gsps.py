@@ -4,6 +4,7 @@ draw the boxes where they were found."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -16,6 +17,7 @@ from app.outputs.gsps import LAYER, presentation_state
 from app.outputs.overlay import Annotation
 from tests.conftest import pydicom_file
 from tests.corpus import part10, synthetic_ct
+from tests.dicom_validator import dciodvfy_errors
 
 LIMITS = ImageLimits(max_bytes=1 << 26, max_pixels=1 << 26)
 AUTHOR = Author(model="MBZUAI/MedMO-8B-Next", revision="abc123")
@@ -99,3 +101,32 @@ def test_a_flat_image_gets_a_state_without_a_window() -> None:
     assert decoded.dicom is not None
     state = pydicom.dcmread(io.BytesIO(presentation_state([decoded.dicom], AUTHOR, BOXES)))
     assert "SoftcopyVOILUTSequence" not in state  # a window of width 0 is no window: the viewer's own applies
+
+
+def test_the_state_passes_dciodvfy_with_no_error(tmp_path: Path) -> None:
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        assert dciodvfy_errors(presentation_state([source(name)], AUTHOR, BOXES), tmp_path) == []
+
+
+def state_of(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    decoded = decode_image(part10(dataset), LIMITS)
+    assert decoded.dicom is not None
+    return pydicom.dcmread(io.BytesIO(presentation_state([decoded.dicom], AUTHOR, BOXES)))
+
+
+def test_the_series_has_the_images_body_part_and_side() -> None:
+    knee = synthetic_ct(64, 64)
+    knee.BodyPartExamined, knee.Laterality = "KNEE", "L"
+    state = state_of(knee)
+    assert (state.BodyPartExamined, state.Laterality) == ("KNEE", "L")
+    knee.Laterality, knee.ImageLaterality = "", "R"  # the image's own side when the series has none
+    assert state_of(knee).Laterality == "R"
+
+
+def test_an_unpaired_body_part_has_no_laterality_and_an_unknown_one_an_empty_one() -> None:
+    chest = synthetic_ct(64, 64)
+    chest.BodyPartExamined = "CHEST"
+    assert "Laterality" not in state_of(chest)
+    unknown = state_of(synthetic_ct(64, 64))  # no body part: whether it is paired is unknown
+    assert unknown.Laterality == ""
+    assert "BodyPartExamined" not in unknown
