@@ -22,7 +22,7 @@ from app.api.errors import install_error_handlers
 from app.api.keys import ApiKeys
 from app.api.middleware import RequestContextMiddleware
 from app.api.openapi import MedmoAPI
-from app.engine import build_engine
+from app.engine.build import build_engine
 from app.engine.protocol import Engine
 from app.engine.runtime import ModelLoadError, ModelRuntime, Runtime
 from app.metrics import Metrics

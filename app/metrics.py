@@ -63,6 +63,19 @@ class Metrics:
             "Requests prepared and waiting for a slot.",
             registry=self.registry,
         )
+        self.waiting_by_priority = Gauge(
+            "medmo_waiting_by_priority",
+            "Requests in the engine and not yet started, by priority (stat, urgent, routine).",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.latency_by_priority = Histogram(
+            "medmo_engine_latency_by_priority_seconds",
+            "From a prepared request entering the engine to its last token, by priority.",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.slot_occupancy = Gauge(
             "medmo_slot_occupancy",
             "Fraction of the KV cache slots in use.",

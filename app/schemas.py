@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from app.imaging.dicom import WINDOW_PATTERN
 
@@ -62,6 +63,49 @@ class TaskFields(ImageFields):
         "event holding this route's JSON response), as Accept: text/event-stream does.",
         examples=[True],
     )
+    logprobs: bool | None = Field(
+        None,
+        description="true: the response adds mean_logprob, the mean log-probability of the answer's tokens "
+        "under the model (a confidence a program can threshold). Default: false.",
+        examples=[True],
+    )
+
+
+# --- answers chosen among given ones (/classify's labels, /vqa's choices) ---
+
+MIN_LABELS = 2
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 64
+
+
+def _json_array_in_a_text_field(value: object) -> object:
+    """A form field or a query parameter is one string: a list arrives there as a JSON array."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise ValueError('must be a JSON array of strings, e.g. ["pneumonia", "normal"]') from None
+
+
+def _distinct(labels: list[str]) -> list[str]:
+    if len(set(labels)) != len(labels):
+        raise ValueError("each must differ from the others (spaces around them do not count)")
+    return labels
+
+
+Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_LABEL_CHARS)]
+Labels = Annotated[
+    list[Label],
+    Field(min_length=MIN_LABELS, max_length=MAX_LABELS),
+    BeforeValidator(_json_array_in_a_text_field),
+    AfterValidator(_distinct),
+]
+LABELS_BOUNDS = (
+    f"{MIN_LABELS} to {MAX_LABELS} of them, each 1 to {MAX_LABEL_CHARS} characters and distinct once spaces "
+    "around it are trimmed. In a multipart form (or the query string of a DICOM body), one field holding "
+    "them as a JSON array."
+)
 
 
 # --- responses ---
@@ -77,6 +121,31 @@ class ImageSize(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens fed to the model, image tokens included.", examples=[1320])
     completion_tokens: int = Field(description="Tokens the model generated.", examples=[58])
+
+
+class ScoredLabel(BaseModel):
+    """One of the answers the model chose among, with how likely it makes it."""
+
+    label: str = Field(description="The answer, as given (trimmed).", examples=["pneumothorax"])
+    probability: float = Field(
+        ge=0,
+        le=1,
+        description="Its probability among the answers given: the softmax of their log-probabilities, so "
+        "that the probabilities of all of them add up to 1.",
+        examples=[0.82],
+    )
+    logprob: float = Field(
+        description="The model's log-probability of answering exactly this and ending its answer: the sum "
+        "over its tokens, the end of the turn included.",
+        examples=[-0.31],
+    )
+
+
+class TopLabel(BaseModel):
+    label: str = Field(description="The most probable answer.", examples=["pneumothorax"])
+    probability: float = Field(
+        ge=0, le=1, description="Its probability among the answers given.", examples=[0.82]
+    )
 
 
 class Timing(BaseModel):
@@ -188,6 +257,12 @@ class TaskResponse(BaseModel):
     timing: Timing = Field(
         description="Where the time went.",
         examples=[{"queue_ms": 12.5, "inference_ms": 1840.0, "total_ms": 1901.2}],
+    )
+    mean_logprob: float | None = Field(
+        None,
+        description="With logprobs=true: the mean log-probability of the answer's tokens under the model (0 "
+        "would be certainty); null otherwise.",
+        examples=[-0.42],
     )
 
 

@@ -95,6 +95,13 @@ class _Settings(BaseSettings):
         description="Most images in one request (a study's views, slices, a prior); more get 413. At most "
         "MEDMO_MAX_QUEUE: grounding several images takes a place in the queue for each.",
     )
+    max_n: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Most answers one chat request may ask for (n); more get 400. Each answer takes a place in "
+        "the queue: set above MEDMO_MAX_QUEUE, the service does not start; left unset, it is lowered to it.",
+    )
     max_total_pixels: int = Field(
         100_000_000,
         ge=1024,
@@ -318,12 +325,22 @@ class _Settings(BaseSettings):
                 f"MEDMO_MAX_QUEUE ({self.max_queue}) is smaller than MEDMO_MAX_IMAGES ({self.max_images}): "
                 "grounding several images takes a place in the queue for each"
             )
+        if "max_n" in self.model_fields_set and self.max_queue < self.max_n:
+            raise ValueError(
+                f"MEDMO_MAX_QUEUE ({self.max_queue}) is smaller than MEDMO_MAX_N ({self.max_n}): each answer "
+                "of a chat request takes a place in the queue"
+            )
         if self.max_wait_ms / 1000 >= self.request_timeout_s:
             raise ValueError(
                 f"MEDMO_MAX_WAIT_MS ({self.max_wait_ms}) must be shorter than MEDMO_REQUEST_TIMEOUT_S "
                 f"({self.request_timeout_s} s): a batch would wait past every deadline"
             )
         return self
+
+    @property
+    def most_choices(self) -> int:
+        """The most answers (n) a chat request may ask for: MEDMO_MAX_N, within MEDMO_MAX_QUEUE."""
+        return min(self.max_n, self.max_queue)
 
     def max_new_tokens(self, task: str) -> int:
         """The generation limit of a task (MEDMO_<TASK>_MAX_NEW_TOKENS)."""
@@ -338,7 +355,7 @@ def _task_limits() -> dict[str, Any]:
                 task.default_max_new_tokens,
                 ge=1,
                 le=8192,
-                description=f"Generation limit for /{task.name}; a request may ask for fewer tokens.",
+                description=task.limit_means.format(name=task.name),
             ),
         )
         for task in TASKS.values()

@@ -45,7 +45,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.conversation import Conversation
-from app.engine import build_runner, continuous_engine
+from app.engine.build import build_runner, continuous_engine
 from app.engine.protocol import Completed, Engine, TokenDelta
 from app.engine.request import GenerationOptions, PreparedRequest
 from app.imaging import ImageLimits, decode_image

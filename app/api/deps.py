@@ -55,8 +55,11 @@ class Service:
             self._text_fence = TextFence(runtime.control_tokens, self.settings.max_prompt_chars)
         return self._text_fence
 
-    def options(self, task: str, requested: int | None = None) -> GenerationOptions:
-        """Generation options for a request: the server's limit for its task, or fewer tokens if it asks."""
+    def options(
+        self, task: str, requested: int | None = None, *, logprobs: bool | None = None
+    ) -> GenerationOptions:
+        """Generation options for a request: the server's limit for its task, or fewer tokens if it asks;
+        with `logprobs`, each chosen token's log-probability comes back too."""
         limit = self.settings.max_new_tokens(task)
         if requested is not None and requested > limit:
             raise ApiError(
@@ -64,7 +67,9 @@ class Service:
                 "invalid_request",
                 f"max_new_tokens: at most {limit} for {task} on this server (MEDMO_{task.upper()}_MAX_NEW_TOKENS)",
             )
-        return GenerationOptions(max_new_tokens=requested or limit, group=task)
+        return GenerationOptions(
+            max_new_tokens=requested or limit, group=task, logprobs=0 if logprobs else None
+        )
 
 
 def get_service(request: Request) -> Service:

@@ -340,7 +340,7 @@ async def answer_on(
     submitted = await submit(
         request,
         arrived=arrived,
-        options=running.service.options(task.name, fields.max_new_tokens),
+        options=running.service.options(task.name, fields.max_new_tokens, logprobs=fields.logprobs),
         bounded=fields.max_new_tokens is None,
         uploads=[
             ImageUpload(dicom, caption, fields.frame, fields.window)

@@ -15,11 +15,12 @@ queries (`app.conversation.Query`), each a sequence of its own in the engine wit
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal, TypeVar
 
@@ -50,6 +51,7 @@ from app.imaging import (
 from app.imaging.series import anatomical_order
 from app.schemas import DicomInfo, ImageInfo, ImageSize, Timing, Usage, WindowInfo
 from app.settings import PROMPT_ALLOWANCE, Settings
+from app.tasks.classify import ChoiceQuery
 
 T = TypeVar("T")
 
@@ -125,7 +127,25 @@ class Submitted:
                 inference_ms=round(max(c.inference_s for c in completed) * 1000, 3),
                 total_ms=round((time.monotonic() - self.arrived) * 1000, 3),
             ),
+            "mean_logprob": self.mean_logprob(completed),
         }
+
+    def mean_logprob(self, completed: Sequence[Completed]) -> float | None:
+        """The mean log-probability of the answer's tokens over every query, when the request asked for
+        log-probabilities (None otherwise). A chosen answer's tokens are those of the answer chosen."""
+        total, count = 0.0, 0
+        for generating, result in zip(self.queries, completed, strict=True):
+            options, generation = generating.prepared.options, result.generation
+            if options.logprobs is None:
+                return None
+            if generation.scores is not None and options.continuations is not None:
+                best = max(range(len(generation.scores)), key=generation.scores.__getitem__)
+                total += generation.scores[best]
+                count += len(options.continuations[best])
+            elif generation.logprobs is not None:
+                total += math.fsum(token.logprob for token in generation.logprobs)
+                count += len(generation.logprobs)
+        return total / count if count else None
 
     def finished(self, completed: Sequence[Completed], group: str) -> None:
         """Account for a request the model has finished: access log and token metrics."""
@@ -172,6 +192,7 @@ async def submit(
     deltas: bool,
     image_order: ImageOrder = "as_sent",
     check_images: Callable[[list[DecodedImage]], None] | None = None,
+    choices: int = 1,
 ) -> Submitted:
     """Take a place, decode the uploads, prepare the queries they are asked in, and hand them to the engine.
 
@@ -179,7 +200,8 @@ async def submit(
     in; `check_images` may refuse images before any inference is spent (a DICOM Structured Report that
     could not be anchored to them, say). `bounded`: `options.max_new_tokens` is an upper bound, lowered to
     what the context leaves after the prompt; otherwise the client asked for that many, and a prompt that
-    leaves fewer is refused.
+    leaves fewer is refused. `choices`: answers per query, each a sequence of its own sharing the query's
+    prompt (and its prefill), the k-th sampled with seed + k.
     """
     running = get_running(request)
     service, engine = running.service, running.engine
@@ -201,14 +223,16 @@ async def submit(
             else list(range(len(images)))
         )
         asked = queries(images, order)
-        for _ in asked[1:]:  # a place for each sequence the engine runs; one refused gives all back
+        for _ in range(len(asked) * choices - 1):  # a place for each sequence; one refused gives all back
             admissions.append(engine.admit())
-        prepared = await asyncio.gather(
+        prompts = await asyncio.gather(
             *(
                 in_pool(running.prepare_pool, partial(prepare, running, query, options, bounded=bounded))
                 for query in asked
             )
         )
+        prepared = [choice for prompt in prompts for choice in answers_to(prompt, choices)]
+        asked = [query for query in asked for _ in range(choices)]
         generating: list[Generating] = []
         try:
             for admission, query, ready in zip(admissions, asked, prepared, strict=True):
@@ -228,8 +252,13 @@ async def submit(
 
 def client_texts(fields: BaseModel, captions: Sequence[str | None] = ()) -> list[tuple[str, str]]:
     """A request's texts, named as the client named them, for the text fence (`Running.text_fence`): its
-    string fields and its images' captions."""
-    texts = [(name, value) for name, value in fields if isinstance(value, str)]
+    string fields, the strings of its list fields (labels.0, ...), and its images' captions."""
+    texts: list[tuple[str, str]] = []
+    for name, value in fields:
+        if isinstance(value, str):
+            texts.append((name, value))
+        elif isinstance(value, list):
+            texts += [(f"{name}.{index}", item) for index, item in enumerate(value) if isinstance(item, str)]
     texts += [(f"caption {number}", caption) for number, caption in enumerate(captions, start=1) if caption]
     return texts
 
@@ -238,16 +267,43 @@ def prepare(running: Running, query: Query, options: GenerationOptions, *, bound
     """A query prepared for the model: its images fed at the size their share of the context allows,
     and its token limit fitted to what the context leaves, if it may be lowered. CPU work, for the pool."""
     settings = running.service.settings
+    if isinstance(query, ChoiceQuery):
+        # The answers are scored, not generated: the engine must hold the longest of them after the prompt,
+        # and a prompt that leaves less room is refused rather than cut.
+        continuations = tuple(running.runtime.answer_tokens(answer) for answer in query.answers)
+        longest = max(len(tokens) for tokens in continuations)
+        if longest > options.max_new_tokens:  # the task's limit bounds what one answer may take
+            number = max(range(len(continuations)), key=lambda index: len(continuations[index]))
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{query.field}.{number}: {longest} tokens as an answer, at most {options.max_new_tokens} on this "
+                f"server (MEDMO_{options.group.upper()}_MAX_NEW_TOKENS)",
+            )
+        options = replace(options, continuations=continuations, max_new_tokens=longest)
+        bounded = False
     images = len(query.images)
     prepared = running.runtime.prepare(
         query.conversation,
         options,
         max_pixels=image_area(settings, images, options.max_new_tokens) if images > 1 else None,
     )
+    if query.answer_shape is not None:
+        prepared = running.runtime.constrained(prepared, query.answer_shape(prepared.model_input_sizes))
     room = fitting_tokens(running.engine, prepared)
     if bounded and room is not None and 1 <= room < options.max_new_tokens:
         return prepared.limited_to(room)
     return prepared
+
+
+def answers_to(prompt: PreparedRequest, choices: int) -> list[PreparedRequest]:
+    """`choices` requests of one prompt (the same prepared features: the engine computes it once), the
+    k-th sampled with seed + k."""
+    sampling = prompt.options.sampling
+    return [
+        replace(prompt, options=replace(prompt.options, sampling=replace(sampling, seed=sampling.seed + k)))
+        for k in range(choices)
+    ]
 
 
 def image_area(settings: Settings, images: int, answer_tokens: int) -> int:

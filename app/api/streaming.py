@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
@@ -21,6 +22,9 @@ from app.api.negotiation import EVENTS
 from app.api.pipeline import Generating, Submitted
 from app.engine.detokenizer import Detokenizer
 from app.engine.protocol import Completed, TokenDelta
+from app.engine.request import TokenLogprobs
+
+T = TypeVar("T")
 
 # nginx's status for a client that closed the connection before the answer ended.
 CLIENT_GONE = 499
@@ -33,6 +37,19 @@ def sse(event: str | None, data: Any) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
+
+
+@dataclass
+class WrittenToken:
+    """A generated token, the text it adds to the answer, and its log-probabilities when they were asked for.
+
+    The text is empty for a control token (the answer's text leaves them out) and for a token that ends
+    inside a multi-byte character: the token that completes the character carries all of it.
+    """
+
+    token_id: int
+    text: str
+    logprobs: TokenLogprobs | None = None
 
 
 class TextStream:
@@ -61,6 +78,46 @@ class TextStream:
                 if self.first_text_at is None:
                     self.first_text_at = time.monotonic()
                 yield text
+            if self.completed is not None:
+                self.account(self.completed)
+                return
+
+    async def written(self) -> AsyncIterator[WrittenToken]:
+        """The answer token by token as it comes, each with its text settled (a token whose character is
+        incomplete waits for the token that completes it) and its log-probabilities when asked for (those
+        the engine sends only with the result, as the generate engine does, wait for the result). Sets
+        `completed`."""
+        asked = self.generating.prepared.options.logprobs is not None
+        unsettled: list[WrittenToken] = []
+        handed_out = 0  # tokens yielded so far
+        async for event in self.generating.events:
+            if isinstance(event, TokenDelta):
+                self.tokens += len(event.token_ids)
+                for index, token in enumerate(event.token_ids):
+                    text = self.detokenizer.push((token,))
+                    logprobs = event.logprobs[index] if event.logprobs is not None else None
+                    unsettled.append(WrittenToken(token, text, logprobs))
+                    if text and self.first_text_at is None:
+                        self.first_text_at = time.monotonic()
+                if asked and event.logprobs is None:
+                    continue
+                settled = _after_last_text(unsettled)
+            else:
+                self.completed = event
+                generation = event.generation
+                rest = self.detokenizer.finish(generation.text)
+                tail = _after_last_text(unsettled)
+                if rest and tail < len(unsettled):  # a character the answer ended inside
+                    unsettled[tail].text = rest
+                if generation.logprobs is not None:
+                    for number, waiting in enumerate(unsettled, start=handed_out):
+                        if waiting.logprobs is None and number < len(generation.logprobs):
+                            waiting.logprobs = generation.logprobs[number]
+                settled = len(unsettled)
+            for written in unsettled[:settled]:
+                yield written
+            handed_out += settled
+            del unsettled[:settled]
             if self.completed is not None:
                 self.account(self.completed)
                 return
@@ -123,6 +180,15 @@ async def task_events(
         await submitted.aclose()
 
 
+def _after_last_text(tokens: Sequence[WrittenToken]) -> int:
+    """How many of `tokens` are settled: up to the last that carries text (those after it may be the start
+    of a character that is not complete yet)."""
+    for index in range(len(tokens) - 1, -1, -1):
+        if tokens[index].text:
+            return index + 1
+    return 0
+
+
 def abandoned(streams: list[TextStream]) -> None:
     """A client that went away mid-answer: its access line says so (499, not the 200 the stream began as),
     and the tokens the model wrote for it count among those generated."""
@@ -133,28 +199,46 @@ def abandoned(streams: list[TextStream]) -> None:
 
 async def side_by_side(streams: list[TextStream]) -> AsyncIterator[tuple[TextStream, str]]:
     """Every stream's text as it comes, whichever writes first; the first failure ends them all."""
-    news: asyncio.Queue[tuple[TextStream, str | BaseException | None]] = asyncio.Queue()
 
-    async def read(stream: TextStream) -> None:
+    async def texts(stream: TextStream) -> AsyncIterator[tuple[TextStream, str]]:
+        async for text in stream.deltas():
+            yield stream, text
+
+    async for item in merged([texts(stream) for stream in streams]):
+        yield item
+
+
+async def merged(sources: Sequence[AsyncIterator[T]]) -> AsyncIterator[T]:
+    """Every source's items as they come, whichever gives first; the first failure ends them all."""
+    news: asyncio.Queue[T | BaseException | _Ended] = asyncio.Queue()
+
+    async def read(source: AsyncIterator[T]) -> None:
         try:
-            async for text in stream.deltas():
-                await news.put((stream, text))
-            await news.put((stream, None))
+            async for item in source:
+                await news.put(item)
+            await news.put(_ENDED)
         except Exception as exc:
-            await news.put((stream, exc))
+            await news.put(exc)
 
-    readers = [asyncio.create_task(read(stream)) for stream in streams]
+    readers = [asyncio.create_task(read(source)) for source in sources]
     try:
         running = len(readers)
         while running:
-            stream, item = await news.get()
-            if item is None:
+            item = await news.get()
+            if isinstance(item, _Ended):
                 running -= 1
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield stream, item
+                yield item
     finally:
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+class _Ended:
+    """A source of `merged` has no more items."""
+
+
+_ENDED = _Ended()

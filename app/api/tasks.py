@@ -38,6 +38,7 @@ from app.outputs.gsps import check_presentation_sources, presentation_state
 from app.schemas import BoxConvention, TaskFields
 from app.tasks import TASKS
 from app.tasks.base import Reading, Task
+from app.tasks.classify import Choice, ChoiceQuery
 
 
 def count_as_task(request: Request) -> None:
@@ -108,7 +109,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             submitted = await submit(
                 request,
                 arrived=arrived,
-                options=running.service.options(task.name, fields.max_new_tokens),
+                options=running.service.options(task.name, fields.max_new_tokens, logprobs=fields.logprobs),
                 bounded=fields.max_new_tokens is None,
                 uploads=[
                     ImageUpload(image.data, image.caption, fields.frame, fields.window)
@@ -151,9 +152,13 @@ def captioned(images: list[DecodedImage], uploaded: list[UploadedImage]) -> list
 def read_answer(
     task: Task[Any, Any], submitted: Submitted, completed: list[Completed], convention: BoxConvention
 ) -> Any:
-    """What the model wrote for each of the request's queries, read by the task as one answer."""
+    """What the model wrote for each of the request's queries, read by the task as one answer; for a query
+    answered by choosing, the answers it was given with their scores (`Choice`)."""
     parsed = []
     for generating, result in zip(submitted.queries, completed, strict=True):
+        if isinstance(generating.query, ChoiceQuery):
+            parsed.append(chosen(generating.query, result))
+            continue
         index = generating.query.images[0]  # the image its boxes are on, when it grounds one
         image = submitted.images[index]
         reading = Reading(
@@ -166,6 +171,13 @@ def read_answer(
         )
         parsed.append(task.parse(result.generation.text, reading))
     return task.combine(parsed)
+
+
+def chosen(query: ChoiceQuery, result: Completed) -> Choice:
+    scores = result.generation.scores
+    if scores is None or len(scores) != len(query.answers):
+        raise RuntimeError("the engine did not score the answers it was given")
+    return Choice(query.answers, scores)
 
 
 def answerable(wanted: Representation, picture_index: int | None) -> Callable[[list[DecodedImage]], None]:

@@ -5,7 +5,9 @@ and closes when it holds `max_batch_size` requests or `max_wait_s` has passed si
 Only requests with the same batch key (the same generation options) share a batch. With transformers'
 generate() a batch runs until its longest member finishes, so a 20-token VQA answer batched with a
 1000-token report would wait for the report: giving each task its own options keeps short and long work in
-separate batches, and always serving the group whose head has waited longest keeps either from starving.
+separate batches. The group served next is the one whose first request comes first by priority, then by
+waiting time (`precedence`: a request waiting long climbs), which keeps either from starving; a batch takes
+its group's requests in that order.
 
 Admission and lifecycle are the shared gate's (`gate.py`): `admit()` answers at once, before the upload is
 read or decoded. The batch itself runs in one dedicated worker thread; futures are resolved on the event loop.
@@ -31,6 +33,7 @@ from app.engine.protocol import (
     NotAcceptingError,
     WorkerDiedError,
 )
+from app.engine.request import Priority, precedence
 from app.metrics import Metrics
 
 ItemT = TypeVar("ItemT")
@@ -72,6 +75,9 @@ class Batcher(Generic[ItemT, ResultT]):
         max_queue: int,
         metrics: Metrics | None = None,
         is_fatal: Callable[[BaseException], bool] = _never_fatal,
+        priority_of: Callable[[ItemT], Priority] = lambda _: Priority.ROUTINE,
+        stat_reserve: int = 0,
+        priority_aging_s: float = 60.0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be positive and max_wait_s not negative")
@@ -80,7 +86,11 @@ class Batcher(Generic[ItemT, ResultT]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._metrics = metrics or Metrics()
-        self.gate = Gate(max_queue=max_queue, parallelism=max_batch_size, metrics=self._metrics)
+        self.gate = Gate(
+            max_queue=max_queue, parallelism=max_batch_size, metrics=self._metrics, stat_reserve=stat_reserve
+        )
+        self._priority_of = priority_of
+        self.priority_aging_s = priority_aging_s
         self._is_fatal = is_fatal
         self._queues: OrderedDict[Hashable, deque[_Job[ItemT, ResultT]]] = OrderedDict()
         self._arrival = asyncio.Event()
@@ -176,19 +186,34 @@ class Batcher(Generic[ItemT, ResultT]):
 
     # --- the worker ---
 
-    def _oldest_key(self) -> Hashable | None:
-        """Drop finished heads; return the key whose head has waited longest."""
+    def _precedence(self, job: _Job[ItemT, ResultT], now: float) -> tuple[float, float]:
+        waited = now - job.enqueued_at
+        return precedence(self._priority_of(job.item), waited, self.priority_aging_s), job.enqueued_at
+
+    def _first_key(self) -> Hashable | None:
+        """Drop finished requests; return the key of the request to serve first (priority, then age), its
+        group's queue put in that order."""
         now = time.monotonic()
-        oldest: _Job[ItemT, ResultT] | None = None
+        first: tuple[tuple[float, float], Hashable] | None = None
         for key in list(self._queues):
-            queue = self._queues[key]
-            while queue and self._discard_if_dead(queue[0], now):
-                queue.popleft()
+            queue = deque(job for job in self._queues[key] if not self._discard_if_dead(job, now))
             if not queue:
                 del self._queues[key]
-            elif oldest is None or queue[0].enqueued_at < oldest.enqueued_at:
-                oldest = queue[0]
-        return None if oldest is None else oldest.key
+                continue
+            queue = deque(sorted(queue, key=lambda job: self._precedence(job, now)))
+            self._queues[key] = queue
+            rank = self._precedence(queue[0], now)
+            if first is None or rank < first[0]:
+                first = (rank, key)
+        for priority in Priority:
+            waiting = sum(
+                1
+                for queue in self._queues.values()
+                for job in queue
+                if self._priority_of(job.item) is priority
+            )
+            self._metrics.waiting_by_priority.labels(priority=priority.value).set(waiting)
+        return None if first is None else first[1]
 
     def _discard_if_dead(self, job: _Job[ItemT, ResultT], now: float) -> bool:
         if job.future.done():  # the caller gave up: timed out, disconnected or cancelled
@@ -213,13 +238,15 @@ class Batcher(Generic[ItemT, ResultT]):
 
     async def _work(self) -> None:
         while True:
-            key = self._oldest_key()
+            key = self._first_key()
             if key is None:
                 self._arrival.clear()
                 await self._arrival.wait()
                 continue
             head = self._queues[key][0]
-            closes_at = head.enqueued_at + self.max_wait_s
+            # A batch waits for company only so long; a stat request's does not wait at all.
+            urgency = 0.0 if self._priority_of(head.item) is Priority.STAT else self.max_wait_s
+            closes_at = head.enqueued_at + urgency
             while len(self._queues.get(key, ())) < self.max_batch_size:
                 remaining = closes_at - time.monotonic()
                 if remaining <= 0:

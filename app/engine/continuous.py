@@ -5,8 +5,9 @@ One scheduler thread owns the device. Each iteration it
 
 1. takes new arrivals, and drops requests whose client went away or whose deadline passed (also mid-way
    through decoding: their slot is free for the next request at once);
-2. starts waiting requests in free slots, oldest first: their prompts (image included) run packed in one
-   prefill, bounded by a token budget so that a burst of new requests cannot stall decoding for long;
+2. starts waiting requests in free slots, stat before urgent before routine, oldest first within each
+   (a request waiting long climbs, `precedence`): their prompts (image included) run packed in one prefill,
+   bounded by a token budget so that a burst of new requests cannot stall decoding for long;
 3. runs one decode step for every running request;
 4. finishes requests that wrote an end-of-turn token or reached their limit, and hands their slots on;
 5. sends what happened to the event loop in one callback.
@@ -42,7 +43,14 @@ from app.engine.protocol import (
     TokenDelta,
     WorkerDiedError,
 )
-from app.engine.request import Generation, PreparedRequest, TokenLogprobs, TokenMatcher
+from app.engine.request import (
+    Generation,
+    PreparedRequest,
+    Priority,
+    TokenLogprobs,
+    TokenMatcher,
+    precedence,
+)
 from app.engine.runtime import is_fatal_error
 from app.engine.sampling import Chosen
 from app.metrics import Metrics
@@ -154,14 +162,19 @@ class ContinuousEngine(Gated):
         prefill_token_budget: int,
         metrics: Metrics,
         is_fatal: Callable[[BaseException], bool] = is_fatal_error,
+        stat_reserve: int = 0,
+        priority_aging_s: float = 60.0,
     ) -> None:
         self._runner = runner
+        self.priority_aging_s = priority_aging_s
         self._finisher = finisher
         self._eos = finisher.eos_token_ids
         self.prefill_token_budget = prefill_token_budget
         self._metrics = metrics
         self._is_fatal = is_fatal
-        self.gate = Gate(max_queue=max_queue, parallelism=runner.slots, metrics=metrics)
+        self.gate = Gate(
+            max_queue=max_queue, parallelism=runner.slots, metrics=metrics, stat_reserve=stat_reserve
+        )
         self._inbox: deque[_Job] = deque()  # from the loop to the scheduler, under _lock
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -297,6 +310,8 @@ class ContinuousEngine(Gated):
             per_token = (finished_at - job.first_token_at) / (len(job.tokens) - 1)
             self._metrics.inter_token_latency.observe(per_token)
         self.gate.observe_service_time(finished_at - job.started_at)
+        priority = job.request.options.priority.value
+        self._metrics.latency_by_priority.labels(priority=priority).observe(finished_at - job.submitted_at)
         return Completed(
             generation=generation,
             queue_s=job.started_at - job.submitted_at,
@@ -337,6 +352,9 @@ class ContinuousEngine(Gated):
             self._decode()
             self._metrics.running_requests.set(len(self._active))
             self._metrics.waiting_requests.set(len(self._waiting))
+            for priority in Priority:
+                waiting = sum(1 for job in self._waiting if job.request.options.priority is priority)
+                self._metrics.waiting_by_priority.labels(priority=priority.value).set(waiting)
             self._metrics.slot_occupancy.set(len(self._active) / self._runner.slots)
             self._flush()
         self._fail_everything(NotAcceptingError("the server is shutting down"))
@@ -356,6 +374,8 @@ class ContinuousEngine(Gated):
             return False
         if not self._active or len(self._waiting) >= max(1, free // 4):
             return True
+        if any(job.request.options.priority is Priority.STAT for job in self._waiting):
+            return True  # an emergency does not wait for company
         waited = time.monotonic() - self._waiting[0].submitted_at
         return waited >= PREFILL_GATHER_FACTOR * self._prefill_s
 
@@ -381,18 +401,31 @@ class ContinuousEngine(Gated):
         free = self._runner.slots - len(self._active)
         chosen: list[_Job] = []
         tokens = 0
-        while self._waiting and len(chosen) < free:
-            job = self._waiting[0]
+        now = time.monotonic()
+        ranked = sorted(
+            self._waiting,
+            key=lambda job: (
+                precedence(job.request.options.priority, now - job.submitted_at, self.priority_aging_s),
+                job.submitted_at,
+            ),
+        )
+        taken: set[int] = set()
+        for job in ranked:
+            if len(chosen) == free:
+                break
             if job.request.options.continuations is not None:
-                self._score(self._waiting.popleft())
+                taken.add(id(job))
+                self._score(job)
                 continue
             # A prompt shared with the request before it (the n choices of one request) is computed once.
             shared = bool(chosen) and chosen[-1].request.features is job.request.features
             cost = 0 if shared else job.request.prompt_tokens
             if chosen and tokens + cost > self.prefill_token_budget:
                 break
-            chosen.append(self._waiting.popleft())
+            chosen.append(job)
+            taken.add(id(job))
             tokens += cost
+        self._waiting = deque(job for job in self._waiting if id(job) not in taken)
         if not chosen:
             return
         first_slot = len(self._active)

@@ -2,7 +2,9 @@
 
 A request takes a place when it arrives, before its upload is read or decoded, and gives it back when the
 model starts on it (or when it gives up): `max_queue` bounds the requests admitted and not yet running, and
-the next one is refused at once with a Retry-After estimate rather than left to time out. Draining refuses
+the next one is refused at once with a Retry-After estimate rather than left to time out. The last
+`stat_reserve` places are kept for stat requests: a queue full of routine work refuses routine work, not an
+emergency. Draining refuses
 new work while accepted work finishes. Everything here runs on the event loop's thread.
 """
 
@@ -13,17 +15,21 @@ import logging
 import math
 
 from app.engine.protocol import Admission, EngineState, NotAcceptingError, QueueFullError
+from app.engine.request import Priority
 from app.metrics import Metrics
 
 logger = logging.getLogger("medmo.engine")
 
 
 class Gate:
-    def __init__(self, *, max_queue: int, parallelism: int, metrics: Metrics) -> None:
+    def __init__(self, *, max_queue: int, parallelism: int, metrics: Metrics, stat_reserve: int = 0) -> None:
         """`parallelism`: how many requests the engine serves at once, for the Retry-After estimate."""
         if max_queue < 1 or parallelism < 1:
             raise ValueError("max_queue and parallelism must be positive")
+        if not 0 <= stat_reserve < max_queue:
+            raise ValueError("the stat reserve must leave places for other work")
         self.max_queue = max_queue
+        self.stat_reserve = stat_reserve
         self.parallelism = parallelism
         self._metrics = metrics
         self.admitted = 0  # admitted and not yet running: being read, decoded, prepared, or waiting
@@ -38,22 +44,23 @@ class Gate:
     def in_flight(self) -> int:
         return self.admitted + self.running
 
-    def admit(self) -> Admission:
+    def admit(self, priority: Priority = Priority.ROUTINE) -> Admission:
         """Take a place or be refused at once, before any work is done on the request."""
-        self.check_admission()
+        self.check_admission(priority)
         self.admitted += 1
         self._idle.clear()
         self._metrics.queue_depth.set(self.admitted)
         return Admission(self._release)
 
-    def check_admission(self) -> None:
+    def check_admission(self, priority: Priority = Priority.ROUTINE) -> None:
         """Refuse at once what `admit` would refuse now, without taking a place."""
         if self.state is not EngineState.READY:
             self._metrics.rejections.labels(reason=self.state.value).inc()
             if self.state is EngineState.DEAD:
                 raise NotAcceptingError("the inference worker has stopped; the service must be restarted")
             raise NotAcceptingError(f"the server is {self.state.value}; not accepting requests")
-        if self.admitted >= self.max_queue:
+        places = self.max_queue if priority is Priority.STAT else self.max_queue - self.stat_reserve
+        if self.admitted >= places:
             self._metrics.rejections.labels(reason="queue_full").inc()
             raise QueueFullError(self.retry_after_s())
 
@@ -133,11 +140,11 @@ class Gated:
     def in_flight(self) -> int:
         return self.gate.in_flight
 
-    def check_admission(self) -> None:
-        self.gate.check_admission()
+    def check_admission(self, priority: Priority = Priority.ROUTINE) -> None:
+        self.gate.check_admission(priority)
 
-    def admit(self) -> Admission:
-        return self.gate.admit()
+    def admit(self, priority: Priority = Priority.ROUTINE) -> Admission:
+        return self.gate.admit(priority)
 
     def begin_drain(self) -> None:
         self.gate.begin_drain()

@@ -15,7 +15,7 @@ from typing import Protocol
 from app.engine.batcher import Batched, Batcher
 from app.engine.gate import Gated
 from app.engine.protocol import Admission, Completed, StreamEvent, TokenDelta
-from app.engine.request import Generation, PreparedRequest
+from app.engine.request import Generation, PreparedRequest, Priority
 from app.engine.runtime import is_fatal_error
 from app.metrics import Metrics
 
@@ -26,6 +26,10 @@ class BatchGenerator(Protocol):
 
 def _group(request: PreparedRequest) -> str:
     return request.options.group
+
+
+def _priority(request: PreparedRequest) -> Priority:
+    return request.options.priority
 
 
 class GenerateEngine(Gated):
@@ -39,6 +43,8 @@ class GenerateEngine(Gated):
         max_wait_s: float,
         max_queue: int,
         metrics: Metrics,
+        stat_reserve: int = 0,
+        priority_aging_s: float = 60.0,
     ) -> None:
         self.batcher: Batcher[PreparedRequest, Generation] = Batcher(
             runtime.generate,
@@ -48,6 +54,9 @@ class GenerateEngine(Gated):
             max_queue=max_queue,
             metrics=metrics,
             is_fatal=is_fatal_error,
+            priority_of=_priority,
+            stat_reserve=stat_reserve,
+            priority_aging_s=priority_aging_s,
         )
         self.gate = self.batcher.gate
         self._metrics = metrics
@@ -68,7 +77,7 @@ class GenerateEngine(Gated):
     ) -> BatchStream:
         self.gate.check_open()
         waiting = asyncio.ensure_future(self.batcher.submit(admission, request, deadline_s=deadline_s))
-        return BatchStream(waiting, deltas, self._metrics)
+        return BatchStream(waiting, deltas, self._metrics, request.options.priority)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -84,10 +93,17 @@ class GenerateEngine(Gated):
 class BatchStream:
     """A request's result from its batch: all its tokens at once, then the result."""
 
-    def __init__(self, waiting: asyncio.Future[Batched[Generation]], deltas: bool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        waiting: asyncio.Future[Batched[Generation]],
+        deltas: bool,
+        metrics: Metrics,
+        priority: Priority = Priority.ROUTINE,
+    ) -> None:
         self._waiting = waiting
         self._deltas = deltas
         self._metrics = metrics
+        self._priority = priority
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         return self._events()
@@ -99,6 +115,9 @@ class BatchStream:
             await self.aclose()
         generation = done.result
         self._metrics.time_to_first_token.observe(done.queue_s + done.inference_s)
+        self._metrics.latency_by_priority.labels(priority=self._priority.value).observe(
+            done.queue_s + done.inference_s
+        )
         if self._deltas:  # all at once: whole-batch generation has nothing to show before the batch ends
             yield TokenDelta(generation.token_ids)
         yield Completed(

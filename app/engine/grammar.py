@@ -84,11 +84,15 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: Mapping[str, Any]) -> Constraint:
-        """JSON text valid under `schema` (JSON Schema, as OpenAI's response_format json_schema takes)."""
+        """JSON text valid under `schema` (JSON Schema, as OpenAI's response_format json_schema takes).
+
+        A number is written with at most six decimals (`multipleOf` 1e-6 where the schema sets no step):
+        JSON's grammar lets a fraction run on for ever, and a model that repeats a digit would fill its
+        whole answer with one number. What is written still validates against the schema as given."""
         if not isinstance(schema, Mapping):
             raise ConstraintError("a JSON schema must be a JSON object")
         try:
-            text = json.dumps(schema, sort_keys=True, ensure_ascii=False, allow_nan=False)
+            text = json.dumps(_stepped_numbers(schema), sort_keys=True, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ConstraintError(f"the JSON schema is not JSON: {error}") from None
         return cls("json_schema", text)
@@ -126,6 +130,22 @@ _KIND_NAMES: dict[ConstraintKind, str] = {
     "choice": "choice",
     "lark": "grammar",
 }
+
+
+NUMBER_STEP = 1e-6
+
+
+def _stepped_numbers(schema: Any) -> Any:
+    """The schema with every number that has no `multipleOf` given one of NUMBER_STEP."""
+    if isinstance(schema, Mapping):
+        stepped = {key: _stepped_numbers(value) for key, value in schema.items()}
+        kind = schema.get("type")
+        if (kind == "number" or (isinstance(kind, list) and "number" in kind)) and "multipleOf" not in schema:
+            stepped["multipleOf"] = NUMBER_STEP
+        return stepped
+    if isinstance(schema, list):
+        return [_stepped_numbers(item) for item in schema]
+    return schema
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -384,7 +404,7 @@ def box_constraint(
 
     `none_found`: the reply may instead be one sentence of label characters and no box at all ("No
     abnormality detected."): a grammar that forced a box on every image would draw a finding on a normal
-    study.
+    study. The findings may also be followed by such a sentence, after a blank line (an impression).
     """
     width, height = model_input_size
     if width < 1 or height < 1:
@@ -399,7 +419,7 @@ def box_constraint(
     lark = "\n".join(
         [
             *(
-                [f"start: {findings} | NONE", rf"NONE: /{sentence}/"]
+                [f'start: {findings} ("\\n\\n" NONE)? | NONE', rf"NONE: /{sentence}/"]
                 if none_found
                 else [f"start: {findings}"]
             ),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from app.engine.request import Generation, PreparedRequest, TokenLogprobs
+from app.engine.request import Generation, PreparedRequest, Priority, TokenLogprobs
 
 
 class EngineState(StrEnum):
@@ -136,12 +136,13 @@ class Engine(Protocol):
         """Start serving; returns once requests are taken (READY), or raises if the engine cannot start."""
         ...
 
-    def check_admission(self) -> None:
+    def check_admission(self, priority: Priority = Priority.ROUTINE) -> None:
         """Refuse at once (QueueFullError, NotAcceptingError) what `admit` would refuse now."""
         ...
 
-    def admit(self) -> Admission:
-        """Take a place or be refused at once (QueueFullError, NotAcceptingError), before any work is done."""
+    def admit(self, priority: Priority = Priority.ROUTINE) -> Admission:
+        """Take a place or be refused at once (QueueFullError, NotAcceptingError), before any work is done;
+        the last places are kept for stat requests."""
         ...
 
     def submit(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Literal, Protocol
 
 import torch
@@ -12,6 +13,27 @@ FinishReason = Literal["stop", "length"]
 
 # Most alternatives a request may ask to see beside each chosen token (OpenAI's bound for top_logprobs).
 MAX_TOP_LOGPROBS = 20
+
+
+class Priority(StrEnum):
+    """How soon a request should be served, as a worklist ranks studies (the DICOM priorities' words)."""
+
+    STAT = "stat"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
+
+
+_RANKS = {Priority.STAT: 0, Priority.URGENT: 1, Priority.ROUTINE: 2}
+
+
+def precedence(priority: Priority, waited_s: float, aging_s: float) -> float:
+    """Which waiting request goes first: the lowest. A request climbs one priority for every `aging_s`
+    seconds it has waited, so a steady stream of stat work never starves routine work."""
+    return priority.rank - waited_s / aging_s
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,7 @@ class GenerationOptions:
     logprobs: int | None = None
     # Score these continuations (token ids) as the answer, instead of generating one (`Generation.scores`).
     continuations: tuple[tuple[int, ...], ...] | None = None
+    priority: Priority = Priority.ROUTINE
 
 
 @dataclass(frozen=True)

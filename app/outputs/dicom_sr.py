@@ -10,9 +10,11 @@ Report (TID 2000):
       CONTAINS TEXT  Request (121062, DCM)                  /vqa: the question
       CONTAINS TEXT  Indications for Procedure (121109, DCM)  /report: the clinical indication
       CONTAINS CONTAINER  Findings (121070, DCM)
-        CONTAINS TEXT  Finding (121071, DCM)            the answer, the findings, or a box's label
+        CONTAINS TEXT  Finding (121071, DCM)            the answer, the findings, a box's label, or a label
           INFERRED FROM SCOORD  Image Region (111030, DCM)   /ground: the box, a closed POLYLINE in
             SELECTED FROM IMAGE  Source image (121324, DCM)  the source's pixel space (column, row)
+          HAS PROPERTIES NUM  Probability (122157, DCM)     /classify, /vqa with choices: how probable the
+                                                            model makes it among those given ({ratio})
       CONTAINS CONTAINER  Impressions (121072, DCM)
         CONTAINS TEXT  Impression (121073, DCM)         /report, when the model wrote one
 
@@ -176,6 +178,23 @@ def boxed_finding(
     """A finding inferred from a box on the source image: (x_min, y_min, x_max, y_max) in its pixels."""
     entry = text_item(codes.DCM.Finding, label)
     entry.ContentSequence = hd.sr.ContentSequence([_region(source, corners)])
+    return entry
+
+
+# UCUM's unit for a dimensionless ratio: a probability from 0 to 1.
+RATIO = hd.sr.CodedConcept("{ratio}", "UCUM", "ratio")
+
+
+def scored_finding(label: str, probability: float) -> hd.sr.TextContentItem:
+    """A finding with its probability among the answers the model chose from (0 to 1)."""
+    entry = text_item(codes.DCM.Finding, label)
+    score = hd.sr.NumContentItem(
+        name=codes.DCM.Probability,
+        value=probability,
+        unit=RATIO,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+    entry.ContentSequence = hd.sr.ContentSequence([score])
     return entry
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.tasks.base import Task
+from app.tasks.classify import CLASSIFY
 from app.tasks.ground import GROUND
 from app.tasks.report import REPORT
 from app.tasks.vqa import VQA
 
-TASKS: dict[str, Task[Any, Any]] = {task.name: task for task in (VQA, REPORT, GROUND)}
+TASKS: dict[str, Task[Any, Any]] = {task.name: task for task in (VQA, REPORT, GROUND, CLASSIFY)}

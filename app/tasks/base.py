@@ -45,6 +45,8 @@ class Task(ABC, Generic[FieldsT, ParsedT]):
     fields: type[FieldsT]
     response: type[TaskResponse]
     default_max_new_tokens: ClassVar[int]
+    # What MEDMO_<NAME>_MAX_NEW_TOKENS bounds, for the setting's description.
+    limit_means: ClassVar[str] = "Generation limit for /{name}; a request may ask for fewer tokens."
     report_title: ClassVar[str]  # in the Structured Report's series description
     draws: ClassVar[bool] = False  # whether `annotations` gives boxes: a picture, a presentation state
 

@@ -3,6 +3,8 @@
 Coordinates are mapped back through the size of the picture the model actually saw (the processor's
 resize of the upload), not the upload's size: MedMO writes absolute pixels of its input image. Base
 Qwen3-VL writes a 0-1000 relative scale instead; which one applies is a setting, reported in every response.
+By default the reply is decoded under a grammar of MedMO's own syntax (`box_syntax`), so that it always
+parses; the parser still reads every syntax MedMO was trained on, for replies written freely.
 
 MedMO was trained to ground on one image, and has no documented way of saying which of several images a box
 is on. A request of several images is therefore grounded one image per query, each query told what the
@@ -16,7 +18,8 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Literal
 
 import highdicom as hd
@@ -24,6 +27,7 @@ from pydantic import BaseModel, Field
 from pydicom.sr.codedict import codes
 
 from app.conversation import Captioned, Conversation, Query, image_label
+from app.engine.grammar import MAX_BOXES_PER_FINDING, Constraint, box_constraint
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import boxed_finding, container_item
 from app.outputs.overlay import Annotation
@@ -33,6 +37,9 @@ from app.tasks.text import strip_wrappers
 
 ALL_ABNORMALITIES = "any visible diseases or abnormalities"
 UNLABELLED = "Unnamed finding"
+# Findings a constrained reply may hold per image: more than a radiologist marks on one image, and few
+# enough that a reply of that many fits the default answer limit.
+MAX_FINDINGS = 8
 
 
 class GroundFields(TaskFields):
@@ -45,6 +52,22 @@ class GroundFields(TaskFields):
     modality: str | None = Field(
         None, max_length=64, description="Imaging modality, if known.", examples=["X-ray"]
     )
+    constrained: bool | None = Field(
+        None,
+        description="Default true: decode under MedMO's own box syntax (one finding a line: a label, then "
+        "<box>[[x1, y1, x2, y2], ...]</box>, at most "
+        f"{MAX_FINDINGS} findings of at most {MAX_BOXES_PER_FINDING} boxes, coordinates within the image the "
+        "model sees) or a single sentence without boxes (a normal study): every reply parses. false: the "
+        "model writes in whichever syntax it prefers, read after the fact.",
+        examples=[True],
+    )
+
+
+def box_syntax(convention: BoxConvention, model_input_sizes: tuple[tuple[int, int], ...]) -> Constraint:
+    """The grammar of a grounding reply about one image, its coordinates bounded as the convention reads
+    them: the pixels of the image the model sees, or 0-1000."""
+    (size,) = model_input_sizes
+    return box_constraint(size if convention == "pixel" else (1000, 1000), max_findings=MAX_FINDINGS)
 
 
 class Box(BaseModel):
@@ -356,9 +379,14 @@ class Grounding(Task[GroundFields, Grounded]):
         order: Sequence[int],
         box_convention: BoxConvention,
     ) -> list[Query]:
-        """One query per image (see the module's note), in the order they are shown."""
+        """One query per image (see the module's note), in the order they are shown, each written in the
+        box syntax unless the client asks for free text."""
+        shape = partial(box_syntax, box_convention) if fields.constrained is not False else None
         if len(order) == 1:
-            return super().queries(fields, images, order, box_convention)
+            return [
+                replace(query, answer_shape=shape)
+                for query in super().queries(fields, images, order, box_convention)
+            ]
         prompt = self.prompt(fields, box_convention)
         return [
             Query(
@@ -366,6 +394,7 @@ class Grounding(Task[GroundFields, Grounded]):
                     [Captioned(images[index].picture)], prompt, context=study_context(images, order, index)
                 ),
                 (index,),
+                answer_shape=shape,
             )
             for index in order
         ]

@@ -45,6 +45,7 @@ UPLOAD_FIELDS = {
     "/vqa": {"question": "Is there an abnormality?"},
     "/report": {},
     "/ground": {},
+    "/classify": {"labels": '["normal", "abnormal"]'},
     "/preview": {},
 }
 PAGES = ["/", "/docs", "/redoc"]

@@ -168,10 +168,10 @@ def test_an_oversized_image_is_a_413(
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"temperature": 0.7}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
     ],
 )
 def test_what_medmo_cannot_honour_is_refused_never_ignored(

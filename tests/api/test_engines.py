@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import app.api.pipeline
 from app.api.deps import Service
 from app.conversation import Conversation
-from app.engine import continuous_engine, generate_engine
+from app.engine.build import continuous_engine, generate_engine
 from app.engine.protocol import Engine
 from app.engine.request import GenerationOptions
 from app.engine.runtime import ModelRuntime, Runtime

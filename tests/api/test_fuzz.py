@@ -14,6 +14,7 @@ OPERATIONS = [
     ("POST", "/vqa"),
     ("POST", "/report"),
     ("POST", "/ground"),
+    ("POST", "/classify"),
     ("GET", "/info"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),

@@ -28,7 +28,7 @@ def test_info_describes_model_device_and_limits(random_client: TestClient) -> No
     assert info["device"] == "cpu"
     assert info["dtype"] == "float32"
     assert info["box_convention"] == "pixel"
-    assert info["limits"]["max_new_tokens"] == {"vqa": 8, "report": 8, "ground": 8}
+    assert info["limits"]["max_new_tokens"] == {"vqa": 8, "report": 8, "ground": 8, "classify": 64}
     assert info["model"].endswith("random-checkpoint0")
 
 

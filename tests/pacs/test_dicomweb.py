@@ -30,7 +30,8 @@ from tests.pacs.studies import PATIENT_ID, PATIENT_NAME, Examination, cr_study, 
 
 # What the tiny checkpoint answers to every prompt: a report (findings, a blank line, the impression) and
 # one box.
-REPLY = "Nodule: [64, 64, 192, 128]\n\nNormal study."
+# In the syntax /ground is decoded under (MedMO's boxes), with an impression after a blank line.
+REPLY = "Nodule <box>[[64, 64, 192, 128]]</box>\n\nNormal study."
 KEY = "dicomweb-test-key-000000001"
 PACS_USER, PACS_PASSWORD = "medmo", "pacs-password-for-tests-1"
 COMPREHENSIVE_SR, GSPS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1"

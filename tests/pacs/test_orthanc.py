@@ -45,7 +45,8 @@ assert orthanc_binary() is not None, (
 # line, the impression), as grounding (one labelled box) and as an answer. The model sees each 64x64 CT
 # slice scaled to 256x256 and writes pixels of that picture: the box is x 0.25-0.75, y 0.25-0.5 of the
 # image, so x 16-48, y 16-32 of the slice's pixels.
-REPLY = "Nodule: [64, 64, 192, 128]\n\nNormal study."
+# In the syntax /ground is decoded under (MedMO's boxes), with an impression after a blank line.
+REPLY = "Nodule <box>[[64, 64, 192, 128]]</box>\n\nNormal study."
 CT_REGION = [16.0, 16.0, 48.0, 16.0, 48.0, 32.0, 16.0, 32.0, 16.0, 16.0]
 QUESTION = "Is there a pleural effusion?"
 TASKS = ("report", "ground", "ground:gsps", "vqa:effusion")
@@ -214,7 +215,7 @@ def check_contents(answers: list[Dataset], slices: list[str]) -> None:
     report = by_kind["report"]
     assert isinstance(hd.sr.srread(_bytes(report)), hd.sr.ComprehensiveSR)
     (findings,) = children(report, FINDINGS)
-    assert [f.TextValue for f in children(findings, FINDING)] == ["Nodule: [64, 64, 192, 128]"]
+    assert [f.TextValue for f in children(findings, FINDING)] == ["Nodule <box>[[64, 64, 192, 128]]</box>"]
     (impressions,) = children(report, IMPRESSIONS)
     assert [i.TextValue for i in children(impressions, IMPRESSION)] == ["Normal study."]
 
