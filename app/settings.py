@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.pacs.dicomweb import read_credentials
@@ -166,6 +174,18 @@ class _Settings(BaseSettings):
         description="generate: how long a batch waits for more requests after its first one arrives.",
     )
     max_queue: int = Field(256, ge=1, description="Requests admitted and waiting; more are refused with 429.")
+    stat_reserve: int | None = Field(
+        None,
+        ge=0,
+        description="Places of MEDMO_MAX_QUEUE kept for stat requests: a queue full of routine and urgent work "
+        "refuses them with 429 and still takes an emergency. Unset: a sixteenth of MEDMO_MAX_QUEUE.",
+    )
+    priority_aging_s: float = Field(
+        60.0,
+        gt=0,
+        description="A waiting request climbs one priority (routine, urgent, stat) for every this many seconds "
+        "it has waited, so that a steady stream of stat work never starves routine work.",
+    )
     prepare_workers: int = Field(
         4,
         ge=1,
@@ -220,6 +240,16 @@ class _Settings(BaseSettings):
         ge=0,
         le=10,
         description="Further tries of a PACS call that could not connect or was answered 502, 503 or 504.",
+    )
+    fhir_url: str | None = Field(
+        None,
+        description="Base URL of the FHIR server (R4) the DICOMweb routes also send each answer's bundle to, "
+        "e.g. https://fhir.example.org/fhir, with the PACS's timeout, retries and no redirects. Unset: none is "
+        "sent.",
+    )
+    fhir_credentials_file: Path | None = Field(
+        None,
+        description="File holding the FHIR server's login, as MEDMO_DICOMWEB_CREDENTIALS_FILE holds the PACS's.",
     )
 
     # --- HTTP ---
@@ -282,9 +312,9 @@ class _Settings(BaseSettings):
                 raise ValueError(f"{host[:64]!r} is not a host name, or *.name for its subdomains")
         return value
 
-    @field_validator("dicomweb_url")
+    @field_validator("dicomweb_url", "fhir_url")
     @classmethod
-    def _dicomweb_base(cls, value: str | None) -> str | None:
+    def _service_base(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         parts = urlsplit(value)
@@ -293,10 +323,11 @@ class _Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must be a base URL, without a query or fragment")
         if parts.username or parts.password:
-            raise ValueError("must not hold a login: put it in MEDMO_DICOMWEB_CREDENTIALS_FILE")
+            service = str(info.field_name).removesuffix("_url").upper()
+            raise ValueError(f"must not hold a login: put it in MEDMO_{service}_CREDENTIALS_FILE")
         return value.rstrip("/")
 
-    @field_validator("dicomweb_credentials_file")
+    @field_validator("dicomweb_credentials_file", "fhir_credentials_file")
     @classmethod
     def _readable_credentials(cls, value: Path | None) -> Path | None:
         if value is not None:
@@ -325,6 +356,11 @@ class _Settings(BaseSettings):
                 f"MEDMO_MAX_QUEUE ({self.max_queue}) is smaller than MEDMO_MAX_IMAGES ({self.max_images}): "
                 "grounding several images takes a place in the queue for each"
             )
+        if self.stat_reserve is not None and self.stat_reserve >= self.max_queue:
+            raise ValueError(
+                f"MEDMO_STAT_RESERVE ({self.stat_reserve}) leaves no place of MEDMO_MAX_QUEUE ({self.max_queue}) "
+                "for routine work: lower it"
+            )
         if "max_n" in self.model_fields_set and self.max_queue < self.max_n:
             raise ValueError(
                 f"MEDMO_MAX_QUEUE ({self.max_queue}) is smaller than MEDMO_MAX_N ({self.max_n}): each answer "
@@ -341,6 +377,11 @@ class _Settings(BaseSettings):
     def most_choices(self) -> int:
         """The most answers (n) a chat request may ask for: MEDMO_MAX_N, within MEDMO_MAX_QUEUE."""
         return min(self.max_n, self.max_queue)
+
+    @property
+    def places_for_stat(self) -> int:
+        """MEDMO_STAT_RESERVE, or a sixteenth of the queue."""
+        return self.max_queue // 16 if self.stat_reserve is None else self.stat_reserve
 
     def max_new_tokens(self, task: str) -> int:
         """The generation limit of a task (MEDMO_<TASK>_MAX_NEW_TOKENS)."""

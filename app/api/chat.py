@@ -60,11 +60,12 @@ from app.api.pipeline import (
     submit,
     upload_limits,
 )
+from app.api.priority import early_priority, requested_priority
 from app.api.streaming import TextStream, WrittenToken, event_stream, merged, sse
 from app.api.uploads import decode_base64_image, read_json_object
 from app.conversation import Conversation, Query, Role, Turn
 from app.engine.grammar import Constraint, ConstraintError
-from app.engine.request import FinishReason, GenerationOptions, Sampling
+from app.engine.request import FinishReason, GenerationOptions, Priority, Sampling
 from app.engine.runtime import ModelRuntime
 from app.imaging import DecodedImage
 from app.settings import Settings
@@ -146,7 +147,7 @@ async def create_chat_completion(
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the request as application/json")
     running = get_running(request)
-    running.engine.check_admission()
+    running.engine.check_admission(early_priority(request))
     async with deadline(request, x_request_timeout) as deadline_s:
         with running.service.uploads.take():
             document = await read_json_object(request, upload_limits(running.service.settings))
@@ -166,7 +167,9 @@ async def create_chat_completion(
         submitted = await submit(
             request,
             arrived=arrived,
-            options=generation_options(chat, settings.chat_max_new_tokens),
+            options=generation_options(
+                chat, settings.chat_max_new_tokens, requested_priority(request, chat.priority)
+            ),
             # max_tokens is an upper bound, as OpenAI's clients treat it: lowered to what the context holds.
             bounded=True,
             uploads=[ImageUpload(image) for image in images],
@@ -249,7 +252,7 @@ def parse_request(document: dict[str, Any], settings: Settings) -> ChatCompletio
     return chat
 
 
-def generation_options(chat: ChatCompletionRequest, limit: int) -> GenerationOptions:
+def generation_options(chat: ChatCompletionRequest, limit: int, priority: Priority) -> GenerationOptions:
     """How the answers are written: greedily unless a temperature above 0 asks for sampling, which is seeded
     (by the client, or by a seed drawn here)."""
     temperature = chat.temperature or 0.0
@@ -268,6 +271,7 @@ def generation_options(chat: ChatCompletionRequest, limit: int) -> GenerationOpt
         group=GROUP,
         sampling=sampling,
         logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+        priority=priority,
     )
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.engine.request import Priority
+
 # Most answers (n) any server may be set to give one request (MEDMO_MAX_N's bound).
 MAX_CHOICES = 16
 
@@ -163,6 +165,12 @@ class ChatCompletionRequest(BaseModel):
         "(above 1) or more likely (below 1), greedy or sampled, as transformers applies it. 1 or absent: "
         "none (an extension vLLM also takes).",
         examples=[1.1],
+    )
+    priority: Priority | None = Field(
+        None,
+        description="stat, urgent or routine (the default; the X-Priority header says the same): stat work is "
+        "started before waiting urgent and routine work (an extension, as vLLM's priority).",
+        examples=["stat"],
     )
     seed: int | None = Field(
         None,

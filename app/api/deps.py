@@ -13,7 +13,7 @@ from app.api.keys import ApiKeys
 from app.api.middleware import Accepted
 from app.api.uploads import Slots
 from app.engine.protocol import Engine
-from app.engine.request import GenerationOptions
+from app.engine.request import GenerationOptions, Priority
 from app.engine.runtime import Runtime
 from app.metrics import Metrics
 from app.settings import Settings
@@ -56,7 +56,12 @@ class Service:
         return self._text_fence
 
     def options(
-        self, task: str, requested: int | None = None, *, logprobs: bool | None = None
+        self,
+        task: str,
+        requested: int | None = None,
+        *,
+        logprobs: bool | None = None,
+        priority: Priority = Priority.ROUTINE,
     ) -> GenerationOptions:
         """Generation options for a request: the server's limit for its task, or fewer tokens if it asks;
         with `logprobs`, each chosen token's log-probability comes back too."""
@@ -68,7 +73,7 @@ class Service:
                 f"max_new_tokens: at most {limit} for {task} on this server (MEDMO_{task.upper()}_MAX_NEW_TOKENS)",
             )
         return GenerationOptions(
-            max_new_tokens=requested or limit, group=task, logprobs=0 if logprobs else None
+            max_new_tokens=requested or limit, group=task, logprobs=0 if logprobs else None, priority=priority
         )
 
 

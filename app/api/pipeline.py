@@ -206,7 +206,7 @@ async def submit(
     running = get_running(request)
     service, engine = running.service, running.engine
     record = request_record(request)
-    admissions = [engine.admit()]
+    admissions = [engine.admit(options.priority)]
     try:
         images = await decode_uploads(request, running.prepare_pool, uploads, service.settings)
         first = images[0] if images else None
@@ -224,7 +224,7 @@ async def submit(
         )
         asked = queries(images, order)
         for _ in range(len(asked) * choices - 1):  # a place for each sequence; one refused gives all back
-            admissions.append(engine.admit())
+            admissions.append(engine.admit(options.priority))
         prompts = await asyncio.gather(
             *(
                 in_pool(running.prepare_pool, partial(prepare, running, query, options, bounded=bounded))

@@ -38,6 +38,8 @@ def generate_engine(settings: Settings, runtime: Runtime, metrics: Metrics) -> G
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue=settings.max_queue,
         metrics=metrics,
+        stat_reserve=settings.places_for_stat,
+        priority_aging_s=settings.priority_aging_s,
     )
 
 
@@ -50,6 +52,8 @@ def continuous_engine(
         max_queue=settings.max_queue,
         prefill_token_budget=settings.prefill_token_budget,
         metrics=metrics,
+        stat_reserve=settings.places_for_stat,
+        priority_aging_s=settings.priority_aging_s,
     )
 
 

@@ -249,7 +249,9 @@ def test_a_box_reply_may_instead_be_one_sentence_without_a_box(
         assert extract_boxes(text) == []
     # The sentence may end the reply; held to boxes, it is only the start of a label.
     for none_found, may_end in ((True, True), (False, False)):
-        matcher = grammars.compile(box_constraint((320, 240), max_findings=3, none_found=none_found)).matcher()
+        matcher = grammars.compile(
+            box_constraint((320, 240), max_findings=3, none_found=none_found)
+        ).matcher()
         accept_all(matcher, tokenizer.encode("No acute abnormality."))
         mask = new_bitmask(1, grammars.vocab_size)
         matcher.fill(mask, 0)
