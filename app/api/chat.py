@@ -66,7 +66,6 @@ from app.api.uploads import decode_base64_image, read_json_object
 from app.conversation import Conversation, Query, Role, Turn
 from app.engine.grammar import Constraint, ConstraintError
 from app.engine.request import FinishReason, GenerationOptions, Priority, Sampling
-from app.engine.runtime import ModelRuntime
 from app.imaging import DecodedImage
 from app.settings import Settings
 from app.text.fence import QUOTED_CHARS
@@ -184,7 +183,7 @@ async def create_chat_completion(
             deltas=True,
             choices=chat.n or 1,
         )
-        spelling = Spelling(loaded_model(running).processor.tokenizer) if chat.logprobs else None
+        spelling = Spelling(running.runtime.processor.tokenizer) if chat.logprobs else None
         answer = Answer(submitted, stops, spelling)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -287,18 +286,10 @@ async def answer_constraint(chat: ChatCompletionRequest, running: Running) -> Co
             constraint = Constraint.json_object()
         else:
             return None
-        await in_pool(running.prepare_pool, partial(loaded_model(running).grammars.compile, constraint))
+        await in_pool(running.prepare_pool, partial(running.runtime.grammars.compile, constraint))
     except ConstraintError as error:
         raise ApiError(400, "invalid_request", f"response_format: {error}") from None
     return constraint
-
-
-def loaded_model(running: Running) -> ModelRuntime:
-    """The runtime with its tokenizer and grammars, which the chat route's logprobs and response_format use."""
-    runtime = running.runtime
-    if not isinstance(runtime, ModelRuntime):
-        raise TypeError(f"the chat route needs a ModelRuntime, not {type(runtime).__name__}")
-    return runtime
 
 
 def message_texts(chat: ChatCompletionRequest) -> list[tuple[str, str]]:

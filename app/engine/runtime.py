@@ -60,6 +60,8 @@ class Runtime(Protocol):
     model: Any  # the transformers model, for engines that drive its forward passes themselves
     eos_token_ids: frozenset[int]
     control_tokens: frozenset[str]  # the tokenizer's special tokens, which client text may not carry
+    processor: Any  # the transformers processor; its tokenizer spells tokens out (chat logprobs)
+    grammars: Grammars  # compiles constraints against this model's vocabulary
 
     def prepare(
         self, conversation: Conversation, options: GenerationOptions, *, max_pixels: int | None = None

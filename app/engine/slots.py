@@ -41,6 +41,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from app.engine.grammar import GrammarMatcher, fill_rows
 from app.engine.request import MAX_TOP_LOGPROBS, PreparedRequest, TokenMatcher
 from app.engine.runtime import ModelLoadError
 from app.engine.sampling import Chosen, RowRules, bitmask_words, choose, needs_rules, samples
@@ -566,10 +567,19 @@ class SlotRunner:
         )
 
     def _write_masks(self, masks: Sequence[tuple[int, TokenMatcher]]) -> None:
-        """The constrained rows' allowed tokens, from their grammars into their rows of the device's mask."""
+        """The constrained rows' allowed tokens, from their grammars into their rows of the device's mask,
+        in one copy: the rows between them are written as free (every token allowed)."""
+        if not masks:
+            return
+        end = max(row for row, _ in masks) + 1
+        self._masks[:end] = -1
+        grammars = [(matcher, row) for row, matcher in masks if isinstance(matcher, GrammarMatcher)]
+        if len(grammars) > 1:  # filled side by side, on the grammar library's threads
+            fill_rows(self._masks, grammars)
         for row, matcher in masks:
-            matcher.fill(self._masks, row)
-            self.rules.bitmask[row].copy_(self._masks[row], non_blocking=True)
+            if len(grammars) <= 1 or not isinstance(matcher, GrammarMatcher):
+                matcher.fill(self._masks, row)
+        self.rules.bitmask[:end].copy_(self._masks[:end], non_blocking=True)
 
     def _step(self, batch: int, span: int) -> None:
         """The decode step for `batch` rows reading `span` positions: what a graph captures."""
