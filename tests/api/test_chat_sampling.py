@@ -364,8 +364,9 @@ def test_a_json_object_answer(client: openai.OpenAI, model: str) -> None:
 
 
 # The acceptance bar: under a model that wants to write gibberish, every schema answer ends and validates.
-# Each schema's grammar is finite: enums, booleans, integers within bounds, strings with maxLength, arrays
-# with maxItems, nested objects without additional properties.
+# Each schema's grammar is finite: enums, booleans, integers and numbers within bounds (a number's fraction
+# is written with at most six decimals), strings with maxLength, arrays with maxItems, nested objects
+# without additional properties.
 SCHEMAS: list[dict[str, Any]] = [
     YES_NO,
     Finding.model_json_schema() | {"additionalProperties": False},
@@ -434,6 +435,20 @@ SCHEMAS: list[dict[str, Any]] = [
             "impression": {"type": "string", "maxLength": 60},
         },
         "required": ["sizes_mm", "impression"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "volume_ml": {"type": "number", "exclusiveMinimum": 0, "maximum": 5000},
+            "density_hu": {
+                "type": "array",
+                "items": {"type": "number", "minimum": -1000, "maximum": 3000},
+                "maxItems": 3,
+            },
+        },
+        "required": ["confidence", "volume_ml", "density_hu"],
         "additionalProperties": False,
     },
 ]
