@@ -13,20 +13,19 @@ device) runs `--rows` rows of one prompt, four ways:
   step (llguidance), and the step waits for the previous one's tokens, which its grammar must take first;
 - **mixed**: one constrained row among greedy ones: what a free row pays for sharing a step.
 
-Each prints ms per step, and its ratio to greedy, measured in this run.
+Each prints ms per step (the best of three rounds), and its ratio to greedy, measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from app.conversation import Conversation
 from app.engine.grammar import Constraint, GrammarMatcher
@@ -34,8 +33,7 @@ from app.engine.request import GenerationOptions, PreparedRequest, Sampling
 from app.engine.runtime import ModelRuntime
 from app.engine.slots import SlotRunner
 from app.settings import Settings
-from app.tiny_checkpoint import write_checkpoint
-from tests.conftest import rgb_image
+from bench.server import build_runtime
 
 SCHEMA = {
     "type": "object",
@@ -120,31 +118,23 @@ def ms_per_step(rows: Rows, steps: int) -> float:
     return statistics.median(samples)
 
 
-def load(shape: str, folder: Path) -> ModelRuntime:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    write_checkpoint(folder, shape=shape)
-    return ModelRuntime.load(Settings(model=str(folder), device=device))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--shape", choices=["tiny", "8b"], default="tiny")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        runtime = load(args.shape, Path(folder))
+    runtime = build_runtime(args.shape, Settings(model=f"random-weights:{args.shape}"))
     model: Any = runtime.model
     gpu = model.device.type == "cuda"
     runner = SlotRunner(model, slots=args.rows, context=1024, graphs=gpu, compiled=gpu)
     with torch.inference_mode():
         runner.warm_up()
-        prompt = runtime.prepare(
-            Conversation.about(rgb_image(256, 256), "Describe the findings."), GenerationOptions(1)
-        )
+        picture = Image.new("RGB", (256, 256), (90, 90, 90))
+        prompt = runtime.prepare(Conversation.about(picture, "Describe the findings."), GenerationOptions(1))
         print(
             f"{args.rows} rows, {args.shape} shape on {model.device} ({runner.describe()['decode_graphs']}); "
-            f"ms per decode step, median of 3 x {args.steps} steps, measured in this run\n"
+            f"ms per decode step, the best of 3 rounds of 3 x {args.steps} steps, measured in this run\n"
         )
         print(f"{'rows':<34}{'ms/step':>10}{'/ greedy':>10}")
         layouts = {
@@ -153,13 +143,16 @@ def main() -> None:
             "constrained (JSON schema)": ["constrained"] * args.rows,
             "mixed: 1 constrained, rest greedy": ["constrained"] + ["greedy"] * (args.rows - 1),
         }
-        baseline = None
-        for name, kinds in layouts.items():
-            rows = Rows(runner, runtime, prompt, kinds)
-            took = ms_per_step(rows, args.steps)
-            rows.release()
-            baseline = baseline or took
-            print(f"{name:<34}{took:>10.3f}{took / baseline:>10.2f}")
+        # Every layout measured in three rounds, the best kept: the first round also pays one-time costs
+        # (the CPU's kernels for new shapes), and a busy host slows any one of them.
+        best = dict.fromkeys(layouts, float("inf"))
+        for _ in range(3):
+            for name, kinds in layouts.items():
+                rows = Rows(runner, runtime, prompt, kinds)
+                best[name] = min(best[name], ms_per_step(rows, args.steps))
+                rows.release()
+        for name, took in best.items():
+            print(f"{name:<34}{took:>10.3f}{took / best['greedy']:>10.2f}")
 
 
 if __name__ == "__main__":

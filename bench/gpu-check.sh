@@ -35,6 +35,9 @@ NVIDIA_TF32_OVERRIDE=0 "$python" -m pytest -q -s -p no:cacheprovider tests/engin
 # against FlexAttention reading each row only as far as its length.
 "$python" -m bench.decode_attention 2>&1 | tee "$results/decode-attention.log"
 
+# What a step costs when its rows sample or are constrained, against greedy rows (64 rows, MedMO-8B's shape).
+"$python" -m bench.decoding --shape 8b --rows 64 2>&1 | tee "$results/decoding.log"
+
 if [ $# -eq 0 ]; then
     set -- --duration 30 --offline-duration 10 --generate-clients 64 --generate-duration 100
 fi
