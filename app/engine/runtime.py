@@ -441,8 +441,13 @@ class ModelRuntime:
         inputs = collate([item.features for item in batch], self.pad_token_id)
         device = self.model.device
         inputs = {key: value.to(device) for key, value in inputs.items()}
+        # Every rule set here, none left for the checkpoint's generation_config.json to fill: transformers
+        # fills what a config leaves unset from it, and a checkpoint's repetition penalty would then apply to
+        # greedy decoding here and nowhere else. Each request's own rules are RuledChoice's.
         config = GenerationConfig(
             do_sample=False,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
             max_new_tokens=max(item.options.max_new_tokens for item in batch),
             eos_token_id=sorted(self.eos_token_ids),
             pad_token_id=self.pad_token_id,

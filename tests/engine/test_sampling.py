@@ -293,3 +293,17 @@ async def test_n_choices_of_one_prompt_share_its_prefill(runtime: ModelRuntime) 
             alone = prepare(runtime, 0, choice.options)
             assert (await run(engine, alone)).generation == result.generation
     assert len({result.generation.token_ids for result in results}) == 3
+
+
+async def test_a_checkpoints_own_generation_settings_do_not_change_greedy_answers(
+    random_checkpoint: Path,
+) -> None:
+    # Qwen-family checkpoints ship generation_config.json with sampling settings and sometimes a repetition
+    # penalty; the reference path must stay the plain argmax the continuous engine takes.
+    runtime = ModelRuntime.load(Settings(model=str(random_checkpoint), device="cpu", dtype="float32"))
+    runtime.model.generation_config.repetition_penalty = 1.3
+    runtime.model.generation_config.no_repeat_ngram_size = 2
+    request = prepare(runtime, 2, GenerationOptions(24))
+    async with running(runtime) as (engine, _):
+        continuous = (await run(engine, request)).generation
+    assert runtime.generate([request])[0] == continuous
