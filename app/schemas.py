@@ -7,9 +7,13 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from app.engine.request import Priority
 from app.imaging.dicom import WINDOW_PATTERN
 
 BoxConvention = Literal["pixel", "rel1000"]
+# A DICOM UID (PS3.5 9.1): numeric components without leading zeros, dot-separated, at most 64 characters.
+DICOM_UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+SUBJECT_FIELDS = ("patient_id", "patient_id_issuer", "accession_number", "study_instance_uid")
 
 
 # --- requests: the text fields of each task, shared by the multipart and the JSON encodings ---
@@ -68,6 +72,50 @@ class TaskFields(ImageFields):
         description="true: the response adds mean_logprob, the mean log-probability of the answer's tokens "
         "under the model (a confidence a program can threshold). Default: false.",
         examples=[True],
+    )
+    priority: Priority | None = Field(
+        None,
+        description="How soon to serve it: stat before urgent before routine (the default; the X-Priority "
+        "header says the same, and lets a full queue refuse before the upload is read). Places in the queue "
+        "are kept for stat work (MEDMO_STAT_RESERVE); a waiting request climbs one priority every "
+        "MEDMO_PRIORITY_AGING_S.",
+        examples=["stat"],
+    )
+    # Who the images are of, for a FHIR answer (Accept: application/fhir+json) about images without a DICOM
+    # header: a PNG or JPEG has no patient, and the service invents none. Refused with DICOM images.
+    patient_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Images without a DICOM header only (refused with DICOM images, whose header says who "
+        "the patient is): the patient's identifier, which a FHIR answer's Patient carries. Without it, the "
+        "bundle has no Patient.",
+        examples=["MRN-0042"],
+    )
+    patient_id_issuer: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="With patient_id: who assigned it, an OID or URI (the identifier's system) or a name "
+        "(its assigner).",
+        examples=["urn:oid:1.2.840.113619.6.197"],
+    )
+    accession_number: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Images without a DICOM header only: the order's accession number, which a FHIR "
+        "answer's DiagnosticReport is based on.",
+        examples=["ACC-2025-0042"],
+    )
+    study_instance_uid: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=DICOM_UID_PATTERN,
+        description="Images without a DICOM header only: the study's Study Instance UID, a DICOM UID "
+        "(digits and dots, at most 64), which a FHIR answer names the study by.",
+        examples=["1.2.840.113619.2.1"],
     )
 
 
@@ -286,8 +334,9 @@ class StoredInstance(BaseModel):
         description="The object's SOP Instance UID.", examples=["1.2.826.0.1.3680043.10.511.3.2"]
     )
     sop_class_uid: str = Field(
-        description="Comprehensive SR or Grayscale Softcopy Presentation State.",
-        examples=["1.2.840.10008.5.1.4.1.1.88.33"],
+        description="Comprehensive 3D SR (the TID 1500 measurement report) or Grayscale Softcopy Presentation "
+        "State.",
+        examples=["1.2.840.10008.5.1.4.1.1.88.34"],
     )
     retrieve_url: str | None = Field(
         description="Where the PACS says it can be retrieved (WADO-RS), as the PACS wrote it; null if it did not say.",

@@ -13,11 +13,20 @@ is fetched, then the searches and fetches (bounded in time, and in bytes as an u
 slot as an upload would), decoding, the queue, the model, and the store, all within the request's
 deadline. The PACS is the one configured (MEDMO_DICOMWEB_URL); the UIDs in the path are checked to be DICOM
 UIDs before any URL is made of them.
+
+`store: ["sr"]` files the answer as a TID 1500 Measurement Report (what IHE AI Results consumers read: each
+region and score a measurement group with its tracking identifier); `gsps`, for /ground, as a presentation
+state. With MEDMO_FHIR_URL set, every answer is also sent to that FHIR server as a bundle (`app/pacs/fhir.py`:
+POST {base}/Bundle, the PACS client's timeout, retries and no redirects), and the response's `fhir` says
+whether it was taken. A FHIR server that fails does not fail the request: the model's answer and what was
+stored in the PACS are returned, with the failure; a client retrying the whole request would run the model
+and file into the PACS again.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -34,6 +43,7 @@ from app.api.auth import require_api_key
 from app.api.deps import get_running
 from app.api.errors import ApiError, describe_validation_errors
 from app.api.middleware import request_record
+from app.api.negotiation import Representation
 from app.api.openapi import TASK_ERROR_RESPONSES
 from app.api.pipeline import (
     ImageUpload,
@@ -45,11 +55,13 @@ from app.api.pipeline import (
     submit,
     upload_limits,
 )
+from app.api.priority import early_priority, requested_priority
 from app.api.tasks import (
     RequestId,
     RequestTimeout,
-    anchorable_report,
+    anchorable_measurements,
     anchorable_state,
+    bundle_answer,
     dicom_answer,
     read_answer,
 )
@@ -64,13 +76,17 @@ from app.pacs.dicomweb import (
     PacsError,
     PacsNotConfiguredError,
     PacsSettings,
+    ServerSettings,
 )
+from app.pacs.fhir import FhirServer
 from app.pacs.series_choice import Asked, image_counts, instances_to_take
 from app.pacs.series_pull import listed_series, prior_of
-from app.schemas import ErrorResponse, StoredInstance, TaskFields
+from app.schemas import SUBJECT_FIELDS, ErrorResponse, StoredInstance, TaskFields
 from app.settings import Settings
 from app.tasks import TASKS
 from app.tasks.base import Task
+
+logger = logging.getLogger("medmo.fhir")
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], dependencies=[Depends(require_api_key)])
 
@@ -109,7 +125,7 @@ InstanceUid = Annotated[str, _uid("SOP Instance UID of the image in the PACS.", 
 
 STORE_DESCRIPTION = (
     "What to store back into the study in the path, in the PACS (STOW-RS): sr, the answer as a DICOM "
-    "Structured Report{gsps}. Empty: nothing is stored."
+    "Measurement Report (TID 1500, Comprehensive 3D SR){gsps}. Empty: nothing is stored."
 )
 INSTANCES_DESCRIPTION = (
     "How many of the series' instances to take, as the Orthanc router does: a number N, N evenly spaced "
@@ -132,8 +148,8 @@ def request_model(task: Task[Any, Any], *, series: bool = False) -> type[BaseMod
     `store`; for a series, also which instances to take (and for /report and /vqa, whether a prior too)."""
     kinds = Literal["sr", "gsps"] if task.draws else Literal["sr"]
     gsps = "; gsps, the findings as a Grayscale Softcopy Presentation State" if task.draws else ""
-    # One JSON answer; one instance has no order to choose.
-    left_out = ("stream",) if series else ("stream", "image_order")
+    # One JSON answer; one instance has no order to choose; the PACS's images say whose they are.
+    left_out = ("stream", *SUBJECT_FIELDS) if series else ("stream", "image_order", *SUBJECT_FIELDS)
     fields: dict[str, Any] = {
         name: (info.annotation, info)
         for name, info in task.fields.model_fields.items()
@@ -176,8 +192,27 @@ def _without_null_defaults(schema: dict[str, Any]) -> None:
             del field["default"]
 
 
+class SentBundle(BaseModel):
+    """The answer's FHIR bundle, as the FHIR server (MEDMO_FHIR_URL) took it or not."""
+
+    delivered: bool = Field(description="Whether the FHIR server took the bundle.", examples=[True])
+    status: int | None = Field(
+        description="The FHIR server's HTTP status; null when it could not be reached or did not answer in time.",
+        examples=[201],
+    )
+    location: str | None = Field(
+        description="Where the FHIR server says the stored Bundle is, as it wrote it; null if it did not say.",
+        examples=["https://fhir.example.org/fhir/Bundle/8c1e/_history/1"],
+    )
+    error: str | None = Field(
+        description="Why it was not taken; null when it was. The request still answers: the model's answer and "
+        "what the PACS stored are in the response.",
+        examples=[None],
+    )
+
+
 def response_model(task: Task[Any, Any]) -> type[BaseModel]:
-    """The task's JSON answer, and what was stored where."""
+    """The task's JSON answer, what was stored where, and what the FHIR server made of the bundle."""
     stem = task.fields.__name__.removesuffix("Fields")
     return create_model(
         f"Dicomweb{stem}Response",
@@ -187,6 +222,14 @@ def response_model(task: Task[Any, Any]) -> type[BaseModel]:
             Field(
                 description="The answers stored into the PACS, in the order asked; empty if none were asked for.",
                 examples=[[STORED_EXAMPLE]],
+            ),
+        ),
+        fhir=(
+            SentBundle | None,
+            Field(
+                description="With MEDMO_FHIR_URL set: the answer as a FHIR R4 bundle, sent to that server "
+                "(POST {base}/Bundle), and whether it took it. Null when no FHIR server is configured.",
+                examples=[{"delivered": True, "status": 201, "location": None, "error": None}],
             ),
         ),
     )
@@ -226,6 +269,19 @@ REQUEST_MODELS = {
 }
 RESPONSE_MODELS = {name: response_model(task) for name, task in TASKS.items()}
 SERIES_RESPONSE_MODELS = {name: series_response_model(task) for name, task in TASKS.items()}
+
+
+def fhir_server(settings: Settings) -> FhirServer | None:
+    if settings.fhir_url is None:
+        return None
+    return FhirServer(
+        ServerSettings(
+            url=settings.fhir_url,
+            credentials_file=settings.fhir_credentials_file,
+            timeout_s=settings.dicomweb_timeout_s,
+            retries=settings.dicomweb_retries,
+        )
+    )
 
 
 def pacs_settings(settings: Settings) -> PacsSettings:
@@ -311,7 +367,7 @@ async def pulled_and_answered(
     running = get_running(request)
     settings = running.service.settings
     pacs = Dicomweb(pacs_settings(settings))
-    running.engine.check_admission()
+    running.engine.check_admission(early_priority(request))
     async with deadline(request, timeout_s) as deadline_s:
         with running.service.uploads.take():
             body = await read_body(request, body_model, settings)
@@ -340,7 +396,12 @@ async def answer_on(
     submitted = await submit(
         request,
         arrived=arrived,
-        options=running.service.options(task.name, fields.max_new_tokens, logprobs=fields.logprobs),
+        options=running.service.options(
+            task.name,
+            fields.max_new_tokens,
+            logprobs=fields.logprobs,
+            priority=requested_priority(request, fields.priority),
+        ),
         bounded=fields.max_new_tokens is None,
         uploads=[
             ImageUpload(dicom, caption, fields.frame, fields.window)
@@ -448,7 +509,7 @@ def the_instances_asked_for(
             if sent != uids:
                 raise PacsError("the PACS sent another instance than the one asked for")
         if "sr" in store:
-            anchorable_report(images)
+            anchorable_measurements(images)
         if "gsps" in store:
             anchorable_state(images)
 
@@ -470,9 +531,29 @@ async def answered_and_stored(
     completed = await collect(request, submitted)
     submitted.finished(completed, task.name)
     parsed = read_answer(task, submitted, completed, convention)
-    stored = await store_answers(pacs, store, task, fields, parsed, submitted, study)
-    answer = task.answer(parsed, [c.generation.text for c in completed], convention)
-    return {**submitted.envelope(completed), **answer, "stored": stored}
+    texts = [c.generation.text for c in completed]
+    stored = await store_answers(pacs, store, task, fields, parsed, texts, submitted, study)
+    sent = await send_bundle(task, fields, parsed, texts, submitted)
+    answer = task.answer(parsed, texts, convention)
+    return {**submitted.envelope(completed), **answer, "stored": stored, "fhir": sent}
+
+
+async def send_bundle(
+    task: Task[Any, Any], fields: TaskFields, parsed: Any, texts: list[str], submitted: Submitted
+) -> SentBundle | None:
+    """Send the answer's bundle to the configured FHIR server, if there is one; what became of it."""
+    server = fhir_server(submitted.running.service.settings)
+    if server is None:
+        return None
+    bundle = await in_pool(
+        submitted.running.prepare_pool, partial(bundle_answer, task, fields, parsed, texts, submitted)
+    )
+    try:
+        receipt = await server.send_bundle(bundle)
+    except PacsError as exc:  # its message names the failure, never a URL or the patient
+        logger.warning("FHIR: the bundle was not taken: %s", exc)
+        return SentBundle(delivered=False, status=exc.status, location=None, error=str(exc))
+    return SentBundle(delivered=True, status=receipt.status, location=receipt.location, error=None)
 
 
 async def store_answers(
@@ -481,6 +562,7 @@ async def store_answers(
     task: Task[Any, Any],
     fields: TaskFields,
     parsed: Any,
+    texts: list[str],
     submitted: Submitted,
     study: str,
 ) -> list[StoredInstance]:
@@ -490,7 +572,8 @@ async def store_answers(
     kinds = list(dict.fromkeys(store))  # ["sr", "sr"] asks for one
     documents = []
     for kind in kinds:
-        build = partial(dicom_answer, "gsps" if kind == "gsps" else "dicom", task, fields, parsed, submitted)
+        wanted: Representation = "gsps" if kind == "gsps" else "measurement_report"
+        build = partial(dicom_answer, wanted, task, fields, parsed, texts, submitted)
         documents.append(await in_pool(submitted.running.prepare_pool, build))
     confirmed = {reference.sop_instance_uid: reference for reference in await pacs.store(study, documents)}
     stored = []

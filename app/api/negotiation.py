@@ -1,28 +1,44 @@
 """Which representation a client asked for with its Accept header: JSON, the answer streamed as
-Server-Sent Events, a DICOM Structured Report or Presentation State, or the image with the findings drawn."""
+Server-Sent Events, a DICOM object, a FHIR bundle, or the image with the findings drawn.
+
+The DICOM object is the media type's `object` parameter: none (or object=measurement-report) gives the TID
+1500 Measurement Report, what IHE AI Results consumers read; object=basic-report the TID 2000 Basic
+Diagnostic Imaging Report the service wrote before; object=gsps a Grayscale Softcopy Presentation State.
+An object no task gives is not acceptable (406), never silently another.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from app.api.errors import ApiError
+from app.outputs.fhir import FHIR_JSON
 
 DICOM = "application/dicom"
 JSON = "application/json"
 EVENTS = "text/event-stream"
 PNG = "image/png"
 JPEG = "image/jpeg"
-# The DICOM object wanted is a media-type parameter: application/dicom; object=gsps.
-GSPS_PARAMETER = ("object", "gsps")
+OBJECT_PARAMETER = "object"
 
-Representation = Literal["json", "events", "dicom", "gsps", "png", "jpeg"]
+Representation = Literal[
+    "json", "events", "measurement_report", "basic_report", "gsps", "fhir", "png", "jpeg"
+]
 _BY_MEDIA_TYPE: dict[str, Representation] = {
     JSON: "json",
     EVENTS: "events",
-    DICOM: "dicom",
+    DICOM: "measurement_report",
+    FHIR_JSON: "fhir",
     PNG: "png",
     JPEG: "jpeg",
 }
+# application/dicom; object=...: the DICOM object each value names.
+DICOM_OBJECTS: dict[str, Representation] = {
+    "measurement-report": "measurement_report",
+    "basic-report": "basic_report",
+    "gsps": "gsps",
+}
+DICOM_ANSWERS: frozenset[Representation] = frozenset(DICOM_OBJECTS.values())
 IMAGES: dict[Representation, str] = {"png": PNG, "jpeg": JPEG}
 
 
@@ -40,10 +56,11 @@ def representation(accept: str | None) -> Representation:
         media = media.lower()
         weight = _quality(parameters)
         chosen: Representation | None = None
-        if media in _BY_MEDIA_TYPE:
+        if media == DICOM:
+            asked = _pairs(parameters).get(OBJECT_PARAMETER, "measurement-report")
+            chosen = DICOM_OBJECTS.get(asked)  # an object no task gives: not this entry
+        elif media in _BY_MEDIA_TYPE:
             chosen = _BY_MEDIA_TYPE[media]
-            if chosen == "dicom" and GSPS_PARAMETER in _pairs(parameters):
-                chosen = "gsps"
         elif media in ("*/*", "application/*"):
             chosen, weight = "json", weight - 0.0001
         if chosen is not None:
@@ -52,17 +69,18 @@ def representation(accept: str | None) -> Representation:
         raise ApiError(
             406,
             "not_acceptable",
-            f"responses are {JSON}, {EVENTS} (the answer as it is written), {DICOM} (a Structured Report, or "
-            f"with object=gsps a Presentation State), or {PNG} / {JPEG} (the image with the findings drawn)",
+            f"responses are {JSON}, {EVENTS} (the answer as it is written), {DICOM} (a TID 1500 Measurement "
+            "Report; object=basic-report: a TID 2000 Structured Report; object=gsps: a Presentation State), "
+            f"{FHIR_JSON} (a FHIR R4 Bundle), or {PNG} / {JPEG} (the image with the findings drawn)",
         )
     return max(quality, key=lambda kind: (quality[kind], kind == "json"))
 
 
-def _pairs(parameters: list[str]) -> set[tuple[str, str]]:
-    pairs = set()
+def _pairs(parameters: list[str]) -> dict[str, str]:
+    pairs = {}
     for parameter in parameters:
         name, _, value = parameter.partition("=")
-        pairs.add((name.strip().lower(), value.strip().strip('"').lower()))
+        pairs[name.strip().lower()] = value.strip().strip('"').lower()
     return pairs
 
 

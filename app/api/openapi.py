@@ -4,7 +4,7 @@ The routes read their bodies themselves (one reader for every encoding, with siz
 reading), so FastAPI cannot derive the request schemas; they are built here from the same field models
 that validate the requests, and registered as components so generated clients get named types. A raw
 DICOM body carries the fields as query parameters; a client asking for application/dicom gets a
-Structured Report back.
+TID 1500 Measurement Report back, and one asking for application/fhir+json a FHIR R4 Bundle.
 
 Written for generated clients in more than one ecosystem: files are marked as raw bytes both the OpenAPI
 3.1 way (`contentMediaType`, what TypeScript generators key on) and the 3.0 way (`format: binary`, what
@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from app.api.negotiation import DICOM, EVENTS, JPEG, PNG
+from app.outputs.fhir import FHIR_JSON
 from app.schemas import ErrorResponse, ImageFields, TaskFields
 
 _IMAGE_UPLOAD = {
@@ -49,6 +50,18 @@ _CAPTIONS = {
 }
 _DICOM_FILE = {"type": "string", "format": "binary", "contentMediaType": DICOM}
 _PICTURE = {"type": "string", "format": "binary", "contentMediaType": "image/*"}
+_FHIR_BUNDLE = {
+    "type": "object",
+    "description": "A FHIR R4 Bundle of type collection (http://hl7.org/fhir/R4/bundle.html): a preliminary "
+    "DiagnosticReport, an Observation per region and score, ImagingStudy, Device, Provenance, and a Patient "
+    "only from what the DICOM header (or the subject fields) holds.",
+    "properties": {
+        "resourceType": {"type": "string", "const": "Bundle"},
+        "type": {"type": "string", "const": "collection"},
+        "entry": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["resourceType", "type"],
+}
 _EVENT_STREAM = {
     "type": "string",
     "description": "Server-Sent Events: event delta, data {text}; then event result, data the JSON result; or "
@@ -101,7 +114,8 @@ TASK_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     406: {
         "model": ErrorResponse,
         "description": "Accept names no representation this route gives (a picture from a route that draws "
-        "nothing, say), or DICOM for a non-DICOM image.",
+        "nothing, a DICOM object that is not measurement-report, basic-report or gsps, say), or DICOM for a "
+        "non-DICOM image.",
     },
     415: {
         "model": ErrorResponse,
@@ -173,10 +187,18 @@ def task_request_body(fields_model: type[ImageFields], *, draws: bool) -> dict[s
     # FastAPI writes the JSON body of the 200 from the route's response model; this adds the alternatives
     # after it. Each under its own media type: a client types the JSON path by asking for
     # application/json (openapi-fetch: createClient<paths, "application/json">).
-    content: dict[str, Any] = {DICOM: {"schema": _DICOM_FILE}, EVENTS: {"schema": _EVENT_STREAM}}
+    content: dict[str, Any] = {
+        DICOM: {"schema": _DICOM_FILE},
+        FHIR_JSON: {"schema": _FHIR_BUNDLE},
+        EVENTS: {"schema": _EVENT_STREAM},
+    }
     description = (
-        "The task's JSON result. With Accept: application/dicom and a DICOM image, a DICOM Comprehensive "
-        "Structured Report in the source's study instead. With Accept: text/event-stream (or stream=true), "
+        "The task's JSON result. With Accept: application/dicom and DICOM images, a DICOM Measurement Report "
+        "(TID 1500, Comprehensive 3D SR) in the first source's study instead; with Accept: application/dicom; "
+        "object=basic-report, a Basic Diagnostic Imaging Report (TID 2000, Comprehensive SR). With Accept: "
+        "application/fhir+json, a FHIR R4 Bundle (collection); for images without a DICOM header its Patient "
+        "and study come from patient_id, patient_id_issuer, accession_number and study_instance_uid, never "
+        "invented. With Accept: text/event-stream (or stream=true), "
         'Server-Sent Events as the model writes: `delta` events (data: {"text": "..."}), then one `result` '
         "event whose data is the JSON result, or one `error` event whose data is the error shape."
     )
@@ -229,14 +251,16 @@ TAGS = [
         "name": "tasks",
         "description": "Inference on an image or a study's images (views, slices, a prior): a clinical "
         "question answered, a radiology report, abnormalities or a named target boxed. Images come as "
-        "multipart files, base64 in JSON, or a raw DICOM body; the answer is JSON, or a DICOM Structured "
-        "Report for DICOM images when Accept asks for application/dicom.",
+        "multipart files, base64 in JSON, or a raw DICOM body; the answer is JSON, a DICOM Measurement Report "
+        "(TID 1500) for DICOM images when Accept asks for application/dicom, or a FHIR R4 Bundle when it asks "
+        "for application/fhir+json.",
     },
     {
         "name": "dicomweb",
         "description": "The same tasks on an image in the PACS, named by its Study, Series and SOP Instance "
         "UIDs: the service fetches it with WADO-RS from the PACS it is configured with (never from a URL a "
-        "client sends), and stores the answer back into the study with STOW-RS when asked.",
+        "client sends), stores the answer back into the study with STOW-RS when asked, and sends it as a "
+        "FHIR bundle to the FHIR server when one is configured (MEDMO_FHIR_URL).",
     },
     {
         "name": "viewer",

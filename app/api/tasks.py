@@ -1,12 +1,18 @@
-"""One POST route per task (`app/tasks/`): /vqa, /report, /ground, each taking one image or several and
-answering JSON, a stream of Server-Sent Events, or a DICOM Structured Report (and for /ground, a picture of
-one image with its findings drawn, or a presentation state)."""
+"""One POST route per task (`app/tasks/`): /vqa, /report, /ground, /classify, each taking one image or
+several and answering JSON, a stream of Server-Sent Events, a DICOM object (a TID 1500 Measurement Report,
+or asked for by name a TID 2000 Structured Report), a FHIR R4 Bundle (and for /ground, a picture of one
+image with its findings drawn, or a presentation state).
+
+What a DICOM or FHIR answer needs of the images (headers it can be anchored to, one patient, no subject
+fields beside a DICOM header) is checked after decoding and before the model runs: a source that cannot
+be answered in the standard asked for is a 4xx that spends no inference."""
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,7 +21,7 @@ from app.api.auth import require_api_key
 from app.api.deps import get_running
 from app.api.errors import ApiError
 from app.api.middleware import request_record
-from app.api.negotiation import DICOM, IMAGES, Representation, representation
+from app.api.negotiation import DICOM, DICOM_ANSWERS, IMAGES, Representation, representation
 from app.api.openapi import TASK_ERROR_RESPONSES, task_request_body
 from app.api.pipeline import (
     ImageUpload,
@@ -27,15 +33,19 @@ from app.api.pipeline import (
     submit,
     upload_limits,
 )
+from app.api.priority import early_priority, requested_priority
 from app.api.streaming import TextStream, event_stream, task_events
 from app.api.uploads import UploadedImage, read_task_upload
 from app.conversation import Captioned
 from app.engine.protocol import Completed
 from app.imaging import DecodedImage, DicomSource
 from app.outputs import overlay
-from app.outputs.dicom_sr import Author, check_report_sources, structured_report
+from app.outputs.dicom_sr import Author, check_one_patient, check_report_sources, structured_report
+from app.outputs.fhir import FHIR_JSON, SubjectIdentity, fhir_bundle
 from app.outputs.gsps import check_presentation_sources, presentation_state
-from app.schemas import BoxConvention, TaskFields
+from app.outputs.measurement_report import check_measurement_sources, measurement_report
+from app.outputs.results import Algorithm
+from app.schemas import SUBJECT_FIELDS, BoxConvention, TaskFields
 from app.tasks import TASKS
 from app.tasks.base import Reading, Task
 from app.tasks.classify import Choice, ChoiceQuery
@@ -96,7 +106,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             )
         running = get_running(request)
         settings = running.service.settings
-        running.engine.check_admission()
+        running.engine.check_admission(early_priority(request))
         async with deadline(request, x_request_timeout) as deadline_s:
             with running.service.uploads.take():
                 upload = await read_task_upload(request, task.fields, upload_limits(settings))
@@ -109,7 +119,12 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             submitted = await submit(
                 request,
                 arrived=arrived,
-                options=running.service.options(task.name, fields.max_new_tokens, logprobs=fields.logprobs),
+                options=running.service.options(
+                    task.name,
+                    fields.max_new_tokens,
+                    logprobs=fields.logprobs,
+                    priority=requested_priority(request, fields.priority),
+                ),
                 bounded=fields.max_new_tokens is None,
                 uploads=[
                     ImageUpload(image.data, image.caption, fields.frame, fields.window)
@@ -121,7 +136,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
                 image_order=fields.image_order or "anatomical",
                 deadline_s=deadline_s,
                 deltas=streaming,
-                check_images=answerable(wanted, picture_index),
+                check_images=answerable(wanted, picture_index, fields),
             )
 
             def result(completed: list[Completed]) -> dict[str, Any]:
@@ -139,7 +154,8 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             return JSONResponse(result(completed))
         submitted.finished(completed, task.name)
         parsed = read_answer(task, submitted, completed, convention)
-        return await drawn_or_filed(wanted, task, fields, parsed, submitted, picture_index or 0)
+        texts = [c.generation.text for c in completed]
+        return await drawn_or_filed(wanted, task, fields, parsed, texts, submitted, picture_index or 0)
 
     endpoint.__name__ = task.name
     return endpoint
@@ -180,7 +196,9 @@ def chosen(query: ChoiceQuery, result: Completed) -> Choice:
     return Choice(query.answers, scores)
 
 
-def answerable(wanted: Representation, picture_index: int | None) -> Callable[[list[DecodedImage]], None]:
+def answerable(
+    wanted: Representation, picture_index: int | None, fields: TaskFields
+) -> Callable[[list[DecodedImage]], None]:
     """Before the model runs: refuse what the answer asked for cannot be made of these images."""
 
     def check(images: list[DecodedImage]) -> None:
@@ -190,12 +208,48 @@ def answerable(wanted: Representation, picture_index: int | None) -> Callable[[l
                 "invalid_request",
                 f"image: {picture_index} names no image; the request has {len(images)}",
             )
-        if wanted == "dicom":
+        check_subject(fields, images)
+        if wanted == "measurement_report":
+            anchorable_measurements(images)
+        elif wanted == "basic_report":
             anchorable_report(images)
         elif wanted == "gsps":
             anchorable_state(images)
+        elif wanted == "fhir":
+            check_one_patient([image.dicom for image in images if image.dicom is not None])
 
     return check
+
+
+def check_subject(fields: TaskFields, images: Sequence[DecodedImage]) -> None:
+    """The subject fields name the patient and study of images without a header: with a DICOM image, the
+    header says who the patient is, and two answers to that question are refused rather than chosen from."""
+    given = [name for name in SUBJECT_FIELDS if getattr(fields, name, None) is not None]
+    if not given:
+        return
+    if any(image.dicom is not None for image in images):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{', '.join(given)}: for images without a DICOM header only; a DICOM image's header says "
+            "whose and which study it is",
+        )
+    if fields.patient_id_issuer is not None and fields.patient_id is None:
+        raise ApiError(
+            422, "invalid_request", "patient_id_issuer: says who assigned patient_id, which is missing"
+        )
+
+
+def subject_of(fields: TaskFields) -> SubjectIdentity | None:
+    """The client's subject fields, for images without a DICOM header; None when it gave none."""
+    if all(getattr(fields, name, None) is None for name in SUBJECT_FIELDS):
+        return None
+    return SubjectIdentity(
+        patient_id=fields.patient_id,
+        issuer=fields.patient_id_issuer,
+        accession_number=fields.accession_number,
+        study_instance_uid=fields.study_instance_uid,
+    )
 
 
 def dicom_sources(images: list[DecodedImage]) -> list[DicomSource]:
@@ -217,27 +271,59 @@ def anchorable_report(images: list[DecodedImage]) -> None:
     check_report_sources(dicom_sources(images))
 
 
+def anchorable_measurements(images: list[DecodedImage]) -> None:
+    """The same for a TID 1500 Measurement Report, whose image library reads a little more of each header."""
+    check_measurement_sources(dicom_sources(images))
+
+
 def anchorable_state(images: list[DecodedImage]) -> None:
     """The same for a Grayscale Softcopy Presentation State, which also needs grayscale images of one study."""
     check_presentation_sources(dicom_sources(images))
 
 
+def algorithm_of(submitted: Submitted) -> Algorithm:
+    description = submitted.running.runtime.description
+    return Algorithm(model=description.model, revision=description.revision)
+
+
 def dicom_answer(
-    kind: Literal["dicom", "gsps"],
+    kind: Representation,
     task: Task[Any, Any],
     fields: TaskFields,
     parsed: Any,
+    texts: Sequence[str],
     submitted: Submitted,
 ) -> bytes:
-    """The answer as a DICOM object in the first source's study: a Structured Report (dicom) or a Grayscale
-    Softcopy Presentation State (gsps). CPU work, for the preparation pool."""
-    description = submitted.running.runtime.description
-    author = Author(model=description.model, revision=description.revision)
-    # anchorable_report / anchorable_state refused images that are not all DICOM before the model ran.
+    """The answer as a DICOM object in the first source's study: a TID 1500 Measurement Report, a TID 2000
+    Structured Report (basic_report) or a Grayscale Softcopy Presentation State (gsps). CPU work, for the
+    preparation pool."""
+    algorithm = algorithm_of(submitted)
+    # The checks before the model refused images that are not all DICOM.
     sources = dicom_sources(submitted.images)
+    if kind == "measurement_report":
+        results = task.results(fields, parsed, texts)
+        return measurement_report(sources, results, algorithm, title=task.report_title)
+    author = Author(model=algorithm.model, revision=algorithm.revision)
     if kind == "gsps":
         return presentation_state(sources, author, task.annotations(parsed) or [])
-    return structured_report(sources, author, task.report_content(fields, parsed, sources), task.report_title)
+    if kind == "basic_report":
+        return structured_report(
+            sources, author, task.report_content(fields, parsed, sources), task.report_title
+        )
+    raise ValueError(f"{kind} is not a DICOM answer")
+
+
+def bundle_answer(
+    task: Task[Any, Any], fields: TaskFields, parsed: Any, texts: Sequence[str], submitted: Submitted
+) -> dict[str, Any]:
+    """The answer as a FHIR R4 collection Bundle (JSON-ready): the patient from the DICOM headers, or from
+    the client's subject fields for other images, or none. CPU work, for the preparation pool."""
+    return fhir_bundle(
+        task.results(fields, parsed, texts),
+        [image.dicom for image in submitted.images],
+        algorithm_of(submitted),
+        subject=subject_of(fields),
+    )
 
 
 async def drawn_or_filed(
@@ -245,15 +331,18 @@ async def drawn_or_filed(
     task: Task[Any, Any],
     fields: TaskFields,
     parsed: Any,
+    texts: Sequence[str],
     submitted: Submitted,
     picture_index: int,
 ) -> Response:
-    """The answer as a DICOM object for the sources' study, or as one image (`picture_index`) with its
-    findings drawn, built off the event loop."""
+    """The answer as a DICOM object for the sources' study, a FHIR bundle, or one image (`picture_index`)
+    with its findings drawn, built off the event loop."""
 
     def build() -> bytes:
-        if wanted == "dicom" or wanted == "gsps":
-            return dicom_answer(wanted, task, fields, parsed, submitted)
+        if wanted in DICOM_ANSWERS:
+            return dicom_answer(wanted, task, fields, parsed, texts, submitted)
+        if wanted == "fhir":
+            return json.dumps(bundle_answer(task, fields, parsed, texts, submitted)).encode()
         annotations = [a for a in task.annotations(parsed) or [] if a.image == picture_index]
         picture = submitted.images[picture_index].picture
         return overlay.encode(overlay.draw(picture, annotations), IMAGES[wanted])
@@ -261,7 +350,10 @@ async def drawn_or_filed(
     document = await in_pool(submitted.running.prepare_pool, build)
     if wanted in IMAGES:
         return Response(document, media_type=IMAGES[wanted])
-    filename = f"medmo-{submitted.record.request_id}{'-gsps' if wanted == 'gsps' else ''}.dcm"
+    if wanted == "fhir":
+        return Response(document, media_type=FHIR_JSON)
+    suffix = {"gsps": "-gsps", "basic_report": "-sr"}.get(wanted, "")
+    filename = f"medmo-{submitted.record.request_id}{suffix}.dcm"
     return Response(
         document, media_type=DICOM, headers={"Content-Disposition": f'attachment; filename="{filename}"'}
     )

@@ -88,7 +88,12 @@ T = TypeVar("T")
 
 
 class PacsError(Exception):
-    """The PACS failed to do what was asked; the message is for the client and holds no UID."""
+    """The PACS (or another hospital server) failed to do what was asked; the message is for the client and
+    holds no UID. `status` is the server's HTTP status when it answered one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PacsNotFoundError(PacsError):
@@ -112,11 +117,17 @@ class _TryAgainError(Exception):
 
 
 @dataclass(frozen=True)
-class PacsSettings:
-    url: str  # the DICOMweb base, without a trailing slash
+class ServerSettings:
+    """A hospital server the service calls: the PACS (DICOMweb), the EHR's FHIR server."""
+
+    url: str  # the base, without a trailing slash
     credentials_file: Path | None
     timeout_s: float  # per call, connecting to the last byte
     retries: int
+
+
+@dataclass(frozen=True)
+class PacsSettings(ServerSettings):
     max_instance_bytes: int
 
 
@@ -159,10 +170,16 @@ def read_credentials(path: Path) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
-class Dicomweb:
-    """Calls to the configured PACS; one client per request, closed with it."""
+class HospitalServer:
+    """What every call to a configured hospital server shares: its login read from a file at each request,
+    no redirects, no proxies from the environment, no compression, and one call bounded in time and tried
+    again only when the server could not be reached or said it is unavailable. Failures are `PacsError`s
+    whose message names `server`."""
 
-    def __init__(self, settings: PacsSettings) -> None:
+    server = "the server"  # as messages name it
+    log_name = "HTTP"  # as the log names its calls
+
+    def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
 
     def _client(self) -> httpx2.AsyncClient:
@@ -172,9 +189,9 @@ class Dicomweb:
                 # Read at every request: a rotated password is used at once, without a restart.
                 headers["Authorization"] = read_credentials(self.settings.credentials_file)
             except ValueError as exc:
-                logger.warning("DICOMweb credentials: %s", exc)
+                logger.warning("%s credentials: %s", self.log_name, exc)
                 raise PacsNotConfiguredError(
-                    "the PACS credentials cannot be read: see the server's log"
+                    f"the credentials of {self.server} cannot be read: see the server's log"
                 ) from None
         # Uncompressed, so that the byte limit counts what is held in memory: a gzip stream could inflate a
         # thousandfold between two counts.
@@ -182,11 +199,50 @@ class Dicomweb:
         return httpx2.AsyncClient(
             headers=headers,
             timeout=httpx2.Timeout(self.settings.timeout_s),
-            # Only the configured PACS is called: a redirect could send the login, and the request, elsewhere.
+            # Only the configured server is called: a redirect could send the login, and the request, elsewhere.
             follow_redirects=False,
-            # Proxy variables in the environment are for the internet; the PACS is on the hospital network.
+            # Proxy variables in the environment are for the internet; the server is on the hospital network.
             trust_env=False,
         )
+
+    async def _with_retries(self, call: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One call, tried again (after 0.25 s, 0.5 s, ...) only when the server could not be reached or
+        said it is unavailable; a server that is slow to answer is not asked again (504)."""
+        tries = self.settings.retries + 1
+        for number in range(1, tries + 1):
+            try:
+                async with asyncio.timeout(self.settings.timeout_s):
+                    return await attempt()
+            except (TimeoutError, httpx2.ReadTimeout, httpx2.WriteTimeout, httpx2.PoolTimeout) as exc:
+                logger.warning(
+                    "%s %s: %s after %g s", self.log_name, call, type(exc).__name__, self.settings.timeout_s
+                )
+                raise PacsTimeoutError(
+                    f"{self.server} did not answer within {self.settings.timeout_s:g} s"
+                ) from None
+            except (httpx2.TransportError, _TryAgainError) as exc:  # ConnectTimeout included
+                if isinstance(exc, _TryAgainError):
+                    failure = exc.final
+                elif isinstance(exc, httpx2.RemoteProtocolError):  # it answered, but not in HTTP
+                    failure = PacsError(f"{self.server} answered with a malformed HTTP response")
+                else:
+                    failure = PacsError(f"{self.server} could not be reached")
+                logger.warning("%s %s: %s (try %d of %d)", self.log_name, call, failure, number, tries)
+                if number == tries:
+                    raise failure from None
+            await asyncio.sleep(FIRST_RETRY_DELAY_S * 2 ** (number - 1))
+        raise AssertionError("unreachable: the last try returns or raises")
+
+
+class Dicomweb(HospitalServer):
+    """Calls to the configured PACS; one client per request, closed with it."""
+
+    server = "the PACS"
+    log_name = "DICOMweb"
+    settings: PacsSettings
+
+    def __init__(self, settings: PacsSettings) -> None:
+        super().__init__(settings)
 
     async def retrieve_instance(self, study: str, series: str, instance: str) -> bytes:
         """The instance's DICOM file (WADO-RS), at most `max_instance_bytes` long."""
@@ -265,40 +321,12 @@ class Dicomweb:
                 "store", lambda: self._store(client, url, body, headers, len(documents))
             )
 
-    async def _with_retries(self, call: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """One call, tried again (after 0.25 s, 0.5 s, ...) only when the PACS could not be reached or said
-        it is unavailable; a PACS that is slow to answer is not asked again (504)."""
-        tries = self.settings.retries + 1
-        for number in range(1, tries + 1):
-            try:
-                async with asyncio.timeout(self.settings.timeout_s):
-                    return await attempt()
-            except (TimeoutError, httpx2.ReadTimeout, httpx2.WriteTimeout, httpx2.PoolTimeout) as exc:
-                logger.warning(
-                    "DICOMweb %s: %s after %g s", call, type(exc).__name__, self.settings.timeout_s
-                )
-                raise PacsTimeoutError(
-                    f"the PACS did not answer within {self.settings.timeout_s:g} s"
-                ) from None
-            except (httpx2.TransportError, _TryAgainError) as exc:  # ConnectTimeout included
-                if isinstance(exc, _TryAgainError):
-                    failure = exc.final
-                elif isinstance(exc, httpx2.RemoteProtocolError):  # it answered, but not in HTTP
-                    failure = PacsError("the PACS answered with a malformed HTTP response")
-                else:
-                    failure = PacsError("the PACS could not be reached")
-                logger.warning("DICOMweb %s: %s (try %d of %d)", call, failure, number, tries)
-                if number == tries:
-                    raise failure from None
-            await asyncio.sleep(FIRST_RETRY_DELAY_S * 2 ** (number - 1))
-        raise AssertionError("unreachable: the last try returns or raises")
-
     async def _retrieve(self, client: httpx2.AsyncClient, url: str, max_bytes: int, too_large: str) -> bytes:
         async with client.stream("GET", url, headers={"Accept": WADO_ACCEPT}) as response:
             if response.status_code == 404:
                 raise PacsNotFoundError("the PACS has no instance with these UIDs")
-            _check_status(response, "retrieving the instance")
-            _check_uncompressed(response)
+            check_status(response, "retrieving the instance")
+            check_uncompressed(response)
             media_type, parameters = _media_type(response.headers.get("content-type", ""))
             if media_type != "multipart/related":
                 raise PacsError(
@@ -318,9 +346,9 @@ class Dicomweb:
             # No content, or no such study or series (some PACSs say 404 where Orthanc lists nothing).
             if response.status_code in (204, 404):
                 return []
-            _check_status(response, "searching")
-            _check_uncompressed(response)
-            answer = await _read_within(response, MAX_SEARCH_ANSWER_BYTES, "a search")
+            check_status(response, "searching")
+            check_uncompressed(response)
+            answer = await read_within(response, MAX_SEARCH_ANSWER_BYTES, "a search")
         # Thousands of instances take a moment to read: off the event loop, which serves other requests.
         return await asyncio.to_thread(_matches, answer)
 
@@ -328,21 +356,23 @@ class Dicomweb:
         self, client: httpx2.AsyncClient, url: str, body: bytes, headers: dict[str, str], count: int
     ) -> list[StoredReference]:
         async with client.stream("POST", url, content=body, headers=headers) as response:
-            _check_uncompressed(response)
-            answer = await _read_within(response, MAX_STORE_ANSWER_BYTES, "the store")
+            check_uncompressed(response)
+            answer = await read_within(response, MAX_STORE_ANSWER_BYTES, "the store")
             # 409: nothing stored; the body says why, read below.
             if response.status_code != 409:
-                _check_status(response, "storing the answer")
+                check_status(response, "storing the answer")
         return _stored(answer, count, response.status_code)
 
 
-async def _read_within(response: httpx2.Response, max_bytes: int, what: str) -> bytes:
-    """A whole answer, counted as it arrives: one longer than `max_bytes` is the PACS's failure."""
+async def read_within(
+    response: httpx2.Response, max_bytes: int, what: str, server: str = "the PACS"
+) -> bytes:
+    """A whole answer, counted as it arrives: one longer than `max_bytes` is the server's failure."""
     answer = bytearray()
     async for chunk in response.aiter_raw():
         answer += chunk
         if len(answer) > max_bytes:
-            raise PacsError(f"the PACS answered {what} with more than {max_bytes // (1024 * 1024)} MiB")
+            raise PacsError(f"{server} answered {what} with more than {max_bytes // (1024 * 1024)} MiB")
     return bytes(answer)
 
 
@@ -366,21 +396,21 @@ def _check_uids(*uids: str) -> None:
         raise PacsError("the PACS named an object by something else than a DICOM UID")
 
 
-def _check_status(response: httpx2.Response, doing: str) -> None:
+def check_status(response: httpx2.Response, doing: str, server: str = "the PACS") -> None:
     status = response.status_code
     if status < 300:
         return
     if status in RETRYABLE_STATUSES:
-        raise _TryAgainError(PacsError(f"the PACS answered {status} {doing}"))
+        raise _TryAgainError(PacsError(f"{server} answered {status} {doing}", status))
     if status in (401, 403):
-        raise PacsError(f"the PACS refused the service's credentials ({status}) {doing}")
-    raise PacsError(f"the PACS answered {status} {doing}")
+        raise PacsError(f"{server} refused the service's credentials ({status}) {doing}", status)
+    raise PacsError(f"{server} answered {status} {doing}", status)
 
 
-def _check_uncompressed(response: httpx2.Response) -> None:
+def check_uncompressed(response: httpx2.Response, server: str = "the PACS") -> None:
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise PacsError(f"the PACS answered with Content-Encoding {encoding[:32]}, though asked for none")
+        raise PacsError(f"{server} answered with Content-Encoding {encoding[:32]}, though asked for none")
 
 
 def _media_type(header: str) -> tuple[str, dict[str, str]]:

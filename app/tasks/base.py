@@ -2,8 +2,9 @@
 
 A task names its route, its request fields and response model, the prompt MedMO was trained with, how a
 request's images are put to the model (one query showing them all, by default), the parser for what MedMO
-writes back, its default token limit (the setting MEDMO_<NAME>_MAX_NEW_TOKENS is made from it), and what
-its answer says in a DICOM Structured Report. Routes, the OpenAPI schema, /info, the settings and the report
+writes back, its default token limit (the setting MEDMO_<NAME>_MAX_NEW_TOKENS is made from it), what its
+answer is as results a hospital's standards carry (`results`: a TID 1500 report, a FHIR bundle), and what
+it says in a TID 2000 Structured Report. Routes, the OpenAPI schema, /info, the settings and the report
 writer read these declarations; a new task is one new module and a line in `app/tasks/__init__.py`.
 """
 
@@ -19,6 +20,7 @@ import highdicom as hd
 from app.conversation import Captioned, Conversation, Query
 from app.imaging import DicomSource
 from app.outputs.overlay import Annotation
+from app.outputs.results import Results
 from app.schemas import BoxConvention, TaskFields, TaskResponse
 
 FieldsT = TypeVar("FieldsT", bound=TaskFields)
@@ -80,6 +82,12 @@ class Task(ABC, Generic[FieldsT, ParsedT]):
     def answer(self, parsed: ParsedT, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
         """The task's own fields of the response, beside the envelope every task shares; `texts` are what
         the model wrote for each query."""
+
+    @abstractmethod
+    def results(self, fields: FieldsT, parsed: ParsedT, texts: Sequence[str]) -> Results:
+        """The answer as texts, regions and scores (`app/outputs/results.py`): what the TID 1500 measurement
+        report and the FHIR bundle are written from. Regions index the request's images as sent, in pixels
+        of each image as uploaded; `texts` are what the model wrote for each query."""
 
     @abstractmethod
     def report_content(

@@ -24,6 +24,7 @@ from pydicom.sr.codedict import codes
 from app.conversation import Captioned, Conversation, Query
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import container_item, scored_finding, text_item
+from app.outputs.results import Results, Score
 from app.schemas import (
     LABELS_BOUNDS,
     BoxConvention,
@@ -74,6 +75,13 @@ class Choice:
 
     def top(self) -> TopLabel:
         return TopLabel(label=self.answers[self.best], probability=self.probabilities[self.best])
+
+    def results_scores(self) -> tuple[Score, ...]:
+        """Each answer with its probability, in the order given, as the standards' writers take them."""
+        return tuple(
+            Score(answer, probability)
+            for answer, probability in zip(self.answers, self.probabilities, strict=True)
+        )
 
     def report_findings(self) -> list[hd.sr.ContentItem]:
         """Each answer as a finding with its probability, in the order given."""
@@ -168,6 +176,12 @@ class Classify(Task[ClassifyFields, Choice]):
 
     def answer(self, parsed: Choice, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
         return {"labels": parsed.scored(), "top": parsed.top()}
+
+    def results(self, fields: ClassifyFields, parsed: Choice, texts: Sequence[str]) -> Results:
+        """The labels' probabilities, and the client's question when it asked one (the default question is
+        the service's wording, not a request of the client's)."""
+        question = (("Question", fields.question),) if fields.question else ()
+        return Results(task=self.name, texts=question, scores=parsed.results_scores())
 
     def report_content(
         self, fields: ClassifyFields, parsed: Choice, sources: Sequence[DicomSource]

@@ -31,6 +31,7 @@ from app.engine.grammar import MAX_BOXES_PER_FINDING, Constraint, box_constraint
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import boxed_finding, container_item
 from app.outputs.overlay import Annotation
+from app.outputs.results import Region, Results
 from app.schemas import BoxConvention, TaskFields, TaskResponse
 from app.tasks.base import Reading, Task
 from app.tasks.text import strip_wrappers
@@ -140,10 +141,12 @@ class GroundResponse(TaskResponse):
 
 @dataclass(frozen=True)
 class Grounded:
-    """The findings read from what the model wrote, and how many boxes could not be placed."""
+    """The findings read from what the model wrote, how many boxes could not be placed, and what it wrote
+    instead of boxes about an image it boxed nothing on (a normal study's sentence): (image index, text)."""
 
     findings: list[GroundedFinding]
     dropped: int = 0
+    remarks: tuple[tuple[int, str], ...] = ()
 
 
 def ground_prompt(fields: GroundFields, convention: BoxConvention) -> str:
@@ -402,13 +405,16 @@ class Grounding(Task[GroundFields, Grounded]):
     def parse(self, text: str, reading: Reading) -> Grounded:
         boxes = extract_boxes(text)
         findings = place_boxes(boxes, reading)
-        return Grounded(findings, dropped=len(boxes) - len(findings))
+        remark = strip_wrappers(text) if not boxes else ""
+        remarks = ((reading.image_index, remark),) if remark else ()
+        return Grounded(findings, dropped=len(boxes) - len(findings), remarks=remarks)
 
     def combine(self, parsed: Sequence[Grounded]) -> Grounded:
         findings = [finding for grounded in parsed for finding in grounded.findings]
         return Grounded(
             sorted(findings, key=lambda finding: finding.image_index),  # stable: each image's in its order
             dropped=sum(grounded.dropped for grounded in parsed),
+            remarks=tuple(sorted((r for grounded in parsed for r in grounded.remarks), key=lambda r: r[0])),
         )
 
     def answer(self, parsed: Grounded, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
@@ -418,6 +424,29 @@ class Grounding(Task[GroundFields, Grounded]):
             "raw_text": "\n\n".join(texts),
             "dropped_boxes": parsed.dropped,
         }
+
+    def results(self, fields: GroundFields, parsed: Grounded, texts: Sequence[str]) -> Results:
+        """Each box as a region in its image's pixels; what the model wrote instead of boxes as an answer
+        (naming its image when the request has several)."""
+        regions = tuple(
+            Region(
+                label=finding.label or fields.target or UNLABELLED,
+                image_index=finding.image_index,
+                box_px=(
+                    finding.box_px.x_min,
+                    finding.box_px.y_min,
+                    finding.box_px.x_max,
+                    finding.box_px.y_max,
+                ),
+            )
+            for finding in parsed.findings
+        )
+        several = len(texts) > 1
+        answers = tuple(
+            ("Answer", f"Image {index + 1}: {remark}" if several else remark)
+            for index, remark in parsed.remarks
+        )
+        return Results(task=self.name, texts=answers, regions=regions)
 
     def report_content(
         self, fields: GroundFields, parsed: Grounded, sources: Sequence[DicomSource]

@@ -12,6 +12,7 @@ from pydicom.sr.codedict import codes
 
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import container_item, text_item
+from app.outputs.results import Results
 from app.schemas import BoxConvention, TaskFields, TaskResponse
 from app.tasks.base import Reading, Task
 from app.tasks.text import strip_wrappers
@@ -117,6 +118,15 @@ class RadiologyReport(Task[ReportFields, Report]):
 
     def answer(self, parsed: Report, texts: Sequence[str], box_convention: BoxConvention) -> dict[str, Any]:
         return {"report": parsed}
+
+    def results(self, fields: ReportFields, parsed: Report, texts: Sequence[str]) -> Results:
+        """The indication the client gave, then the findings and the impression as the parser split them
+        (the whole text as findings when it found no sections)."""
+        sections = [("Indication", fields.indication)] if fields.indication else []
+        sections.append(("Findings", parsed.findings or parsed.text))
+        if parsed.impression:
+            sections.append(("Impression", parsed.impression))
+        return Results(task=self.name, texts=tuple(sections))
 
     def report_content(
         self, fields: ReportFields, parsed: Report, sources: Sequence[DicomSource]

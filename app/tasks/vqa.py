@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 from app.conversation import Captioned, Query
 from app.imaging import DicomSource
 from app.outputs.dicom_sr import container_item, text_item
+from app.outputs.results import Results
 from app.schemas import LABELS_BOUNDS, BoxConvention, Labels, ScoredLabel, TaskFields, TaskResponse
 from app.tasks.base import Reading, Task
 from app.tasks.classify import Choice, choice_prompt, choice_query
@@ -86,6 +87,15 @@ class Vqa(Task[VqaFields, str | Choice]):
         if isinstance(parsed, Choice):
             return {"answer": parsed.top().label, "choices": parsed.scored()}
         return {"answer": parsed}
+
+    def results(self, fields: VqaFields, parsed: str | Choice, texts: Sequence[str]) -> Results:
+        if isinstance(parsed, Choice):
+            return Results(
+                task=self.name,
+                texts=(("Question", fields.question), ("Answer", parsed.top().label)),
+                scores=parsed.results_scores(),
+            )
+        return Results(task=self.name, texts=(("Question", fields.question), ("Answer", parsed)))
 
     def report_content(
         self, fields: VqaFields, parsed: str | Choice, sources: Sequence[DicomSource]

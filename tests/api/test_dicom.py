@@ -121,6 +121,9 @@ def test_frame_and_window_fields(random_client: TestClient) -> None:
 # --- DICOM out ---
 
 GROUND_REPLY = "Nodule: [64, 64, 192, 128]"
+# Today's default for application/dicom is the TID 1500 Measurement Report (tests/api/test_standards.py);
+# the TID 2000 report the service wrote first is asked for by name.
+BASIC_REPORT = "application/dicom; object=basic-report"
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +169,7 @@ def test_grounding_as_a_structured_report_with_boxes_on_the_source_pixels(reply_
         "/ground",
         pydicom_file("CT_small.dcm"),
         {"constrained": "false"},
-        Accept="application/dicom",
+        Accept=BASIC_REPORT,
     )
     report, _ = structured_report(response)
     source = check_filed_beside_the_source(report, "CT_small.dcm")
@@ -188,14 +191,14 @@ def test_grounding_as_a_structured_report_with_boxes_on_the_source_pixels(reply_
 def test_report_and_vqa_as_structured_reports(reply_client: TestClient) -> None:
     data = pydicom_file("MR_small.dcm")
     report, _ = structured_report(
-        post_dicom(reply_client, "/report", data, {"indication": "headache"}, Accept="application/dicom")
+        post_dicom(reply_client, "/report", data, {"indication": "headache"}, Accept=BASIC_REPORT)
     )
     check_filed_beside_the_source(report, "MR_small.dcm")
     assert items_named(report, "Indications for Procedure")[0].TextValue == "headache"
     assert items_named(items_named(report, "Findings")[0], "Finding")[0].TextValue == GROUND_REPLY
     vqa, _ = structured_report(
         post_dicom(
-            reply_client, "/vqa", data, {"question": "Any lesion?"}, Accept="application/dicom, */*;q=0.5"
+            reply_client, "/vqa", data, {"question": "Any lesion?"}, Accept=f"{BASIC_REPORT}, */*;q=0.5"
         )
     )
     assert items_named(vqa, "Request")[0].TextValue == "Any lesion?"
@@ -206,10 +209,21 @@ def test_raw_dicom_in_and_structured_report_out_as_a_pacs_calls_it(reply_client:
     response = reply_client.post(
         "/report",
         content=pydicom_file("CT_small.dcm"),
-        headers={"content-type": "application/dicom", "accept": "application/dicom"},
+        headers={"content-type": "application/dicom", "accept": BASIC_REPORT},
     )
     report, _ = structured_report(response)
     check_filed_beside_the_source(report, "CT_small.dcm")
+    # What a PACS gets by default: the TID 1500 Measurement Report, filed the same way.
+    default = reply_client.post(
+        "/report",
+        content=pydicom_file("CT_small.dcm"),
+        headers={"content-type": "application/dicom", "accept": "application/dicom"},
+    )
+    assert default.status_code == 200, default.text
+    measurements = pydicom.dcmread(io.BytesIO(default.content))
+    assert measurements.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert measurements.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    check_filed_beside_the_source(measurements, "CT_small.dcm")
 
 
 def test_content_negotiation(reply_client: TestClient) -> None:
@@ -219,6 +233,11 @@ def test_content_negotiation(reply_client: TestClient) -> None:
         post_dicom(reply_client, "/vqa", png_bytes(), {"question": "q"}, Accept="image/png").status_code
         == 406
     )
+    for unknown in ("application/dicom; object=segmentation", "application/fhir+xml"):
+        refused = post_dicom(
+            reply_client, "/vqa", pydicom_file("CT_small.dcm"), {"question": "q"}, Accept=unknown
+        )
+        assert refused.status_code == 406, unknown
     json_first = post_dicom(
         reply_client,
         "/vqa",

@@ -122,6 +122,7 @@ def test_a_task_answers_json_first_and_documents_the_dicom_and_stream_alternativ
         assert list(ok["content"]) == [
             "application/json",
             "application/dicom",
+            "application/fhir+json",
             "text/event-stream",
             *pictures,
         ]
@@ -129,6 +130,7 @@ def test_a_task_answers_json_first_and_documents_the_dicom_and_stream_alternativ
         assert ok["content"]["application/dicom"]["schema"]["contentMediaType"] == "application/dicom"
         assert ok["content"]["text/event-stream"]["schema"]["type"] == "string"
         assert "Accept: application/dicom" in ok["description"]
+        assert "Accept: application/fhir+json" in ok["description"]
         assert "Accept: text/event-stream" in ok["description"]
 
 

@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from bench.servers import RunningServer, free_port, serve
+from tests.pacs.fhir import fhir_server
 from tests.pacs.orthanc import RunningOrthanc, orthanc
 from tests.pacs.studies import PATIENT_ID, PATIENT_NAME, Examination, cr_study, ct_series
 
@@ -34,7 +35,8 @@ from tests.pacs.studies import PATIENT_ID, PATIENT_NAME, Examination, cr_study, 
 REPLY = "Nodule <box>[[64, 64, 192, 128]]</box>\n\nNormal study."
 KEY = "dicomweb-test-key-000000001"
 PACS_USER, PACS_PASSWORD = "medmo", "pacs-password-for-tests-1"
-COMPREHENSIVE_SR, GSPS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.11.1"
+# What store: ["sr"] files: the TID 1500 Measurement Report, a Comprehensive 3D SR.
+COMPREHENSIVE_3D_SR, GSPS = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,8 @@ def test_with_store_on_the_sr_and_the_presentation_state_are_filed_in_the_study(
     assert answer.status_code == 200, answer.text
     stored = answer.json()["stored"]
     assert [item["object"] for item in stored] == ["sr", "gsps"]
-    assert [item["sop_class_uid"] for item in stored] == [COMPREHENSIVE_SR, GSPS]
+    assert [item["sop_class_uid"] for item in stored] == [COMPREHENSIVE_3D_SR, GSPS]
+    assert answer.json()["fhir"] is None  # no FHIR server configured
 
     # Orthanc's REST API finds both in the image's study, as the response says.
     found = httpx.post(
@@ -526,3 +529,96 @@ def test_an_instance_from_another_study_or_series_than_asked_is_a_502(
     for label in ("another study", "another series"):
         assert answers[label].status_code == 502, answers[label].text
         assert "another instance" in answers[label].json()["error"]["message"]
+
+
+# --- the answer sent to a FHIR server too (MEDMO_FHIR_URL) ---
+
+
+def pull_with_fhir(
+    runtime: Any,
+    pacs: RunningOrthanc,
+    credentials: Path,
+    dataset: pydicom.Dataset,
+    fhir_url: str,
+    **settings: Any,
+) -> Any:
+    """/ground on a CT slice in the real Orthanc, its SR stored there, its bundle sent to `fhir_url`."""
+    app = create_app(
+        Settings(
+            model="unused",
+            dicomweb_url=f"{pacs.url}/dicom-web",
+            dicomweb_credentials_file=credentials,
+            fhir_url=fhir_url,
+            **settings,
+        ),
+        runtime=runtime,
+    )
+    with TestClient(app) as client:
+        return client.post(path(dataset, "ground"), json={"store": ["sr"]})
+
+
+def test_each_answer_goes_to_the_fhir_server_as_a_valid_bundle_with_its_login(
+    runtime: Any,
+    pacs: RunningOrthanc,
+    credentials: Path,
+    examinations: tuple[Examination, Examination],
+    tmp_path: Path,
+) -> None:
+    login = tmp_path / "fhir-login"
+    login.write_text("Bearer fhir-token-for-tests-0001\n")
+    slice_ = examinations[0].datasets[1]
+    with fhir_server() as fhir:
+        answer = pull_with_fhir(runtime, pacs, credentials, slice_, fhir.url, fhir_credentials_file=login)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["fhir"] == {
+        "delivered": True,
+        "status": 201,
+        "location": f"{fhir.url}/Bundle/1/_history/1",
+        "error": None,
+    }
+    assert [item["object"] for item in body["stored"]] == ["sr"]
+    (received,) = fhir.received
+    assert received.path == "/fhir/Bundle"
+    assert received.bundle is not None, received.problem  # fhir.resources validated it
+    assert received.headers["authorization"] == "Bearer fhir-token-for-tests-0001"
+    assert received.headers["content-type"].startswith("application/fhir+json")
+    resources = [entry["resource"] for entry in received.bundle["entry"]]
+    (patient,) = [r for r in resources if r["resourceType"] == "Patient"]
+    assert patient["identifier"] == [{"value": PATIENT_ID}]
+    (study,) = [r for r in resources if r["resourceType"] == "ImagingStudy"]
+    assert study["identifier"][0]["value"] == f"urn:oid:{slice_.StudyInstanceUID}"
+    observations = [r for r in resources if r["resourceType"] == "Observation"]
+    assert [o["code"]["text"] for o in observations] == [f["label"] for f in body["findings"]]
+
+
+def test_a_fhir_server_answering_503_is_tried_again_and_a_redirect_is_refused_not_followed(
+    runtime: Any, pacs: RunningOrthanc, credentials: Path, examinations: tuple[Examination, Examination]
+) -> None:
+    slice_ = examinations[0].datasets[3]
+    with fhir_server() as fhir, fhir_server() as elsewhere:
+        fhir.script = [(503, {})]
+        retried = pull_with_fhir(runtime, pacs, credentials, slice_, fhir.url, dicomweb_retries=1)
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["fhir"]["delivered"] is True
+        assert len(fhir.received) == 2  # the 503, then the bundle taken
+        assert all(received.bundle is not None for received in fhir.received)
+
+        fhir.received.clear()
+        fhir.script = [(307, {"Location": f"{elsewhere.url}/Bundle"})]
+        redirected = pull_with_fhir(runtime, pacs, credentials, slice_, fhir.url, dicomweb_retries=1)
+        fhir.script = [(503, {}), (503, {})]
+        unavailable = pull_with_fhir(runtime, pacs, credentials, slice_, fhir.url, dicomweb_retries=1)
+    # Not taken: the request still answers, with what the PACS stored, and says why.
+    assert redirected.status_code == 200, redirected.text
+    assert redirected.json()["fhir"] == {
+        "delivered": False,
+        "status": 307,
+        "location": None,
+        "error": "the FHIR server answered 307 sending the bundle",
+    }
+    assert elsewhere.received == []  # neither the bundle nor the login went where the redirect pointed
+    assert [item["object"] for item in redirected.json()["stored"]] == ["sr"]
+    assert unavailable.json()["fhir"]["delivered"] is False
+    assert unavailable.json()["fhir"]["status"] == 503
+    assert len(fhir.received) == 1 + 2  # the redirect once; the 503 tried twice (MEDMO_DICOMWEB_RETRIES=1)

@@ -30,6 +30,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from bench.servers import RunningServer, free_port, serve
+from tests.dicom_validator import dciodvfy_errors
 from tests.pacs.orthanc import RunningOrthanc, orthanc, orthanc_binary
 from tests.pacs.studies import PATIENT_ID, PATIENT_NAME, Examination, cr_study, ct_series
 from tests.pacs.test_router_queue import write_per_instance_queue
@@ -57,8 +58,9 @@ ROUTED_METADATA = "MedMORouted"
 FIVE_OF_FORTY = [4, 12, 20, 28, 36]
 
 FINDINGS, FINDING = ("121070", "DCM"), ("121071", "DCM")
-IMPRESSIONS, IMPRESSION = ("121072", "DCM"), ("121073", "DCM")
-REQUEST, IMAGE_REGION = ("121062", "DCM"), ("111030", "DCM")
+IMPRESSION, REQUEST = ("121073", "DCM"), ("121062", "DCM")
+QUALITATIVE_EVALUATIONS = ("C0034375", "UMLS")
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def routing(
@@ -208,29 +210,75 @@ def children(item: Dataset, name: tuple[str, str]) -> list[Dataset]:
     ]
 
 
-def check_contents(answers: list[Dataset], slices: list[str]) -> None:
+def measurement_report(answer: Dataset) -> hd.sr.MeasurementReport:
+    """An SR the router filed, read back by highdicom as the TID 1500 Measurement Report it must be."""
+    assert answer.SOPClassUID == COMPREHENSIVE_3D_SR
+    document = hd.sr.srread(_bytes(answer))
+    assert isinstance(document, hd.sr.Comprehensive3DSR)
+    return hd.sr.MeasurementReport.from_sequence([document], copy=False)
+
+
+def evaluations(answer: Dataset) -> list[tuple[tuple[str, str], str]]:
+    """The report's qualitative evaluations: (concept, text) in order."""
+    (container,) = children(answer, QUALITATIVE_EVALUATIONS)
+    return [
+        (
+            (
+                item.ConceptNameCodeSequence[0].CodeValue,
+                item.ConceptNameCodeSequence[0].CodingSchemeDesignator,
+            ),
+            item.TextValue,
+        )
+        for item in container.ContentSequence
+    ]
+
+
+def regions(answer: Dataset) -> list[tuple[str, str, list[float]]]:
+    """Each measurement group's region: (tracking id, source SOP Instance UID, polyline)."""
+    found = []
+    for group in measurement_report(answer).get_planar_roi_measurement_groups():
+        assert group.roi is not None
+        found.append(
+            (
+                str(group.tracking_identifier),
+                str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
+                [float(v) for v in group.roi.GraphicData],
+            )
+        )
+    return found
+
+
+def check_contents(answers: list[Dataset], slices: list[str], grounded: dict[str, Any] | None = None) -> None:
     """What each task filed about a CT's `slices` (SOP Instance UIDs, as sent): the report's sections, the
-    box on each slice, the question answered."""
+    box on each slice, the question answered; with `grounded` (the service's JSON answer to the same
+    /ground request), the same regions, in its order, with tracking ids numbered as its findings."""
     by_kind = {kind_of(answer): answer for answer in answers}
     report = by_kind["report"]
-    assert isinstance(hd.sr.srread(_bytes(report)), hd.sr.ComprehensiveSR)
-    (findings,) = children(report, FINDINGS)
-    assert [f.TextValue for f in children(findings, FINDING)] == ["Nodule <box>[[64, 64, 192, 128]]</box>"]
-    (impressions,) = children(report, IMPRESSIONS)
-    assert [i.TextValue for i in children(impressions, IMPRESSION)] == ["Normal study."]
+    measurement_report(report)
+    assert evaluations(report) == [
+        (FINDINGS, "Nodule <box>[[64, 64, 192, 128]]</box>"),
+        (IMPRESSION, "Normal study."),
+    ]
 
     # Each slice grounded on its own: one finding per slice, its region on that slice.
-    (grounding_findings,) = children(by_kind["ground"], FINDINGS)
-    regions = [
-        region
-        for finding in children(grounding_findings, FINDING)
-        for region in children(finding, IMAGE_REGION)
-    ]
-    assert sorted(
-        str(region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for region in regions
-    ) == sorted(slices)
-    for region in regions:
-        assert [float(v) for v in region.GraphicData] == pytest.approx(CT_REGION, abs=1e-3)
+    found = regions(by_kind["ground"])
+    assert sorted(uid for _, uid, _ in found) == sorted(slices)
+    for _, _, polyline in found:
+        assert polyline == pytest.approx(CT_REGION, abs=1e-3)
+    if grounded is not None:
+        findings = grounded["findings"]
+        assert [tracking for tracking, _, _ in found] == [f"finding {n}" for n in range(1, len(findings) + 1)]
+        assert [uid for _, uid, _ in found] == [finding["sop_instance_uid"] for finding in findings]
+        for (_, _, polyline), finding in zip(found, findings, strict=True):
+            box = finding["box_px"]
+            assert polyline[:4] == pytest.approx([box["x_min"], box["y_min"], box["x_max"], box["y_min"]])
+        labels = [
+            item.TextValue
+            for group in measurement_report(by_kind["ground"]).get_planar_roi_measurement_groups()
+            for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.RelationshipType == "CONTAINS"
+        ]
+        assert labels == [finding["label"] for finding in findings]
 
     state = by_kind["ground:gsps"]
     assert sorted(
@@ -242,7 +290,36 @@ def check_contents(answers: list[Dataset], slices: list[str]) -> None:
         assert [float(v) for v in box.GraphicData] == pytest.approx(CT_REGION, abs=1e-3)
 
     vqa = by_kind["vqa:effusion"]
-    assert [item.TextValue for item in children(vqa, REQUEST)] == [QUESTION]
+    measurement_report(vqa)
+    assert evaluations(vqa)[0] == (REQUEST, QUESTION)
+
+
+def valid_answers(answers: list[Dataset], folder: Path) -> int:
+    """Every filed answer passes dciodvfy; how many were checked."""
+    for answer in answers:
+        assert dciodvfy_errors(_bytes(answer).getvalue(), folder) == [], kind_of(answer)
+    return len(answers)
+
+
+def json_answer(medmo: RunningServer, front: Gate, route: str, modality: str) -> dict[str, Any]:
+    """The service's JSON answer to the request the router sent to `route` for a series of `modality`,
+    sent again as it was, asking for JSON."""
+    for request in front.received:
+        if request.path == route and sent([request], route)[0][0][0].Modality == modality:
+            answer = httpx.post(
+                medmo.url + route,
+                content=request.body,
+                headers={
+                    "Content-Type": request.headers["content-type"],
+                    "Authorization": request.headers["authorization"],
+                    "Accept": "application/json",
+                },
+                timeout=60,
+            )
+            assert answer.status_code == 200, answer.text
+            result: dict[str, Any] = answer.json()
+            return result
+    raise AssertionError(f"the router sent no {route} request for the {modality}")
 
 
 def _bytes(dataset: Dataset) -> io.BytesIO:
@@ -394,8 +471,19 @@ def test_a_ct_series_and_a_cr_study_are_each_one_request_per_task_and_one_answer
         # One answer per task in each series' study, referencing every image sent.
         ct_answers = filed(pacs, ct_study, ct)
         assert tasks_filed(ct_answers) == {task: sorted(five_uids) for task in TASKS}
-        check_contents(ct_answers, five_uids)
-        assert tasks_filed(filed(pacs, cr_study_id, cr)) == {task: sorted(views) for task in TASKS}
+        check_contents(ct_answers, five_uids, json_answer(medmo, front, "/ground", "CT"))
+        cr_answers = filed(pacs, cr_study_id, cr)
+        assert tasks_filed(cr_answers) == {task: sorted(views) for task in TASKS}
+        # The CR study's measurement reports too: a region per view, as the service's JSON has them.
+        cr_grounded = json_answer(medmo, front, "/ground", "CR")
+        (cr_ground,) = [answer for answer in cr_answers if kind_of(answer) == "ground"]
+        assert [uid for _, uid, _ in regions(cr_ground)] == [
+            f["sop_instance_uid"] for f in cr_grounded["findings"]
+        ]
+        (cr_report,) = [answer for answer in cr_answers if kind_of(answer) == "report"]
+        assert evaluations(cr_report)[-1] == (IMPRESSION, "Normal study.")
+        # Every answer filed (a measurement report per task, a presentation state) is valid DICOM: 8 objects.
+        assert valid_answers(ct_answers, tmp_path) + valid_answers(cr_answers, tmp_path) == 2 * len(TASKS)
         # The tasks done are recorded on each series, not on its images.
         for series_id in (stored[0]["ParentSeries"], stored[len(ct.files) // 2]["ParentSeries"]):
             metadata = pacs.get_json(f"/series/{series_id}/metadata?expand")
@@ -415,7 +503,8 @@ def test_a_ct_series_and_a_cr_study_are_each_one_request_per_task_and_one_answer
         assert pacs.store(ct.extra_slice_on_top())["Status"] == "Success"
         pacs.wait_for_line(planned + "0 to send", 30)
         pacs.wait_for_queue(idle, 30, "the queue empties")
-        assert len(task_requests(medmo.log())) - asked_before == len(asked)
+        # Nothing more than the router's requests and the two JSON answers asked for above.
+        assert len(task_requests(medmo.log())) - asked_before == len(asked) + 2
         assert len(pacs.study_instances(ct_study)) == 41 + len(TASKS)
         assert len(pacs.study_instances(cr_study_id)) == 2 + len(TASKS)
         no_patient_data(pacs.router_lines(), ct)
@@ -466,7 +555,7 @@ def test_a_study_with_a_prior_is_reported_on_with_the_prior_images_after_its_own
 
     # The report is filed in the current study, its slices the evidence, the prior's as other evidence.
     report = answers["report"]
-    assert isinstance(hd.sr.srread(_bytes(report)), hd.sr.ComprehensiveSR)
+    measurement_report(report)
     assert sorted(evidence(report.CurrentRequestedProcedureEvidenceSequence)) == sorted(
         dataset.SOPInstanceUID for dataset in current_five
     )
