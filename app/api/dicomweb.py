@@ -205,6 +205,7 @@ class SentBundle(BaseModel):
         examples=["https://fhir.example.org/fhir/Bundle/8c1e/_history/1"],
     )
     error: str | None = Field(
+        None,
         description="Why it was not taken; null when it was. The request still answers: the model's answer and "
         "what the PACS stored are in the response.",
         examples=[None],
@@ -229,7 +230,13 @@ def response_model(task: Task[Any, Any]) -> type[BaseModel]:
             Field(
                 description="With MEDMO_FHIR_URL set: the answer as a FHIR R4 bundle, sent to that server "
                 "(POST {base}/Bundle), and whether it took it. Null when no FHIR server is configured.",
-                examples=[{"delivered": True, "status": 201, "location": None, "error": None}],
+                examples=[
+                    {
+                        "delivered": True,
+                        "status": 201,
+                        "location": "https://fhir.example.org/fhir/Bundle/8c1e/_history/1",
+                    }
+                ],
             ),
         ),
     )

@@ -25,7 +25,7 @@ def server(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "MEDMO_MAX_QUEUE": str(QUEUE),
         "MEDMO_STAT_RESERVE": str(RESERVE),
         "MEDMO_PRIORITY_AGING_S": "1",
-        "MEDMO_VQA_MAX_NEW_TOKENS": "24",
+        "MEDMO_VQA_MAX_NEW_TOKENS": "48",
     }
     with serve(random_checkpoint, tmp_path_factory.mktemp("priorities") / "server.log", env=env) as running:
         yield running
@@ -72,7 +72,9 @@ async def test_a_stat_request_overtakes_the_routine_requests_waiting(server: Run
         stat = await ask(http, "stat", finished, "stat", header=True)
         assert stat.status_code == 200, stat.text
         await asyncio.gather(*routine)
-    assert finished.index("stat") <= started_before
+    # Before every routine request but those the model had started when the stat one reached it: those
+    # finished, the one running, and one more that may have started while the stat upload was prepared.
+    assert finished.index("stat") <= started_before + 1
     assert len(finished) == 21
 
 
