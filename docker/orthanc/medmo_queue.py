@@ -42,6 +42,7 @@ class WorkItem:
     images: tuple[Image, ...]  # of the series, in the order sent
     prior_images: tuple[Image, ...] = ()  # of the latest earlier study, sent after them
     attempts: int = 0
+    priority: str = "routine"  # the service's: stat, urgent or routine
 
     @property
     def key(self) -> tuple[str, str]:
@@ -98,6 +99,7 @@ class Queue:
                     prior_images TEXT NOT NULL DEFAULT '[]',
                     attempts INTEGER NOT NULL DEFAULT 0,
                     due REAL NOT NULL,
+                    priority TEXT NOT NULL DEFAULT 'routine',
                     PRIMARY KEY (resource_id, task)
                 );
                 CREATE INDEX IF NOT EXISTS requests_by_due ON requests (due);
@@ -106,6 +108,9 @@ class Queue:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(series)")}
             if "events" not in columns:  # a queue file from before series counted their news
                 self._db.execute("ALTER TABLE series ADD COLUMN events INTEGER NOT NULL DEFAULT 0")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}
+            if "priority" not in columns:  # a queue file from before requests had priorities
+                self._db.execute("ALTER TABLE requests ADD COLUMN priority TEXT NOT NULL DEFAULT 'routine'")
             self._take_per_instance_work()
 
     def _take_per_instance_work(self) -> None:
@@ -204,10 +209,10 @@ class Queue:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO requests (resource_id, task, series_uid, images, prior_images, attempts, due) "
-                    "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT (resource_id, task) DO UPDATE SET "
+                    "INSERT INTO requests (resource_id, task, series_uid, images, prior_images, attempts, due, "
+                    "priority) VALUES (?, ?, ?, ?, ?, 0, ?, ?) ON CONFLICT (resource_id, task) DO UPDATE SET "
                     "series_uid = excluded.series_uid, images = excluded.images, "
-                    "prior_images = excluded.prior_images",
+                    "prior_images = excluded.prior_images, priority = excluded.priority",
                     [
                         (
                             item.resource_id,
@@ -216,6 +221,7 @@ class Queue:
                             _to_json(item.images),
                             _to_json(item.prior_images),
                             now,
+                            item.priority,
                         )
                         for item in items
                     ],
@@ -230,15 +236,23 @@ class Queue:
         """The first due work item whose key (`WorkItem.key`) is not in `busy`."""
         busy = set(busy)
         with self._lock:
+            # Stat work first, then urgent, then routine, each in the order it fell due.
             rows = self._db.execute(
-                "SELECT resource_id, task, series_uid, images, prior_images, attempts FROM requests "
-                "WHERE due <= ? ORDER BY due, rowid LIMIT ?",
+                "SELECT resource_id, task, series_uid, images, prior_images, attempts, priority FROM requests "
+                "WHERE due <= ? ORDER BY CASE priority WHEN 'stat' THEN 0 WHEN 'urgent' THEN 1 ELSE 2 END, "
+                "due, rowid LIMIT ?",
                 (now, len(busy) + 1),
             ).fetchall()
-        for resource_id, task, series_uid, images, prior_images, attempts in rows:
+        for resource_id, task, series_uid, images, prior_images, attempts, priority in rows:
             if (resource_id, task) not in busy:
                 return WorkItem(
-                    resource_id, task, series_uid, _from_json(images), _from_json(prior_images), attempts
+                    resource_id,
+                    task,
+                    series_uid,
+                    _from_json(images),
+                    _from_json(prior_images),
+                    attempts,
+                    priority,
                 )
         return None
 

@@ -111,6 +111,35 @@ class ModalityRule:
     instances: int | None
     # Whether report and vqa requests hold the latest earlier study of the same modality too.
     prior: bool = False
+    # The service's priority for the modality's series (stat, urgent, routine); None: the study's own.
+    priority: str | None = None
+
+
+PRIORITIES = ("stat", "urgent", "routine")
+# DICOM's words for how soon a procedure is wanted (Requested Procedure Priority, 0040,1003; the retired
+# Study Priority ID, 0032,000C, says HIGH, MED or LOW), as the service's priorities.
+_DICOM_PRIORITIES = {
+    "STAT": "stat",
+    "HIGH": "urgent",
+    "MEDIUM": "routine",
+    "MED": "routine",
+    "ROUTINE": "routine",
+    "LOW": "routine",
+}
+
+
+def study_priority(tags: Mapping[str, Any]) -> str:
+    """The priority an instance's study was ordered with, from Orthanc's simplified tags of the instance:
+    Requested Procedure Priority, at the top level or in a Request Attributes item (the highest there),
+    else Study Priority ID; routine when none says."""
+    said = [tags.get("RequestedProcedurePriority")]
+    for item in tags.get("RequestAttributesSequence") or []:
+        if isinstance(item, Mapping):
+            said.append(item.get("RequestedProcedurePriority"))
+    said.append(tags.get("StudyPriorityID"))
+    found = [_DICOM_PRIORITIES.get(str(value).strip().upper()) for value in said if isinstance(value, str)]
+    known = [priority for priority in found if priority is not None]
+    return min(known, key=PRIORITIES.index) if known else "routine"
 
 
 @dataclass(frozen=True)
@@ -218,15 +247,21 @@ def _modality_rule(modality: str, rule: Any, questions: Mapping[str, str], max_i
             f'"MedMO.Modalities.{modality}.Prior" needs "MedMO.MaxImages" of 2 or more: the prior\'s '
             "images go in the same request"
         )
+    priority = rule.get("Priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise ConfigurationError(
+            f'"MedMO.Modalities.{modality}.Priority" must be one of {", ".join(PRIORITIES)} (or absent: the '
+            "study's own priority)"
+        )
     instances = rule.get("Instances", 1 if modality in CROSS_SECTIONAL else "all")
     if instances == "all":
-        return ModalityRule(tasks, None, prior)
+        return ModalityRule(tasks, None, prior, priority)
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= max_images:
         raise ConfigurationError(
             f'"MedMO.Modalities.{modality}.Instances" must be a number of slices from 1 (the middle one) to '
             f'"MedMO.MaxImages" ({max_images}), or "all"'
         )
-    return ModalityRule(tasks, instances, prior)
+    return ModalityRule(tasks, instances, prior, priority)
 
 
 def parse_task(name: Any, questions: Mapping[str, str], where: str = "a task") -> Task:
@@ -511,14 +546,18 @@ def form_data(images: Sequence[Upload], fields: Mapping[str, str]) -> tuple[byte
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def ask(settings: RouterSettings, task: Task, images: Sequence[Upload], request_id: str) -> Answer:
+def ask(
+    settings: RouterSettings, task: Task, images: Sequence[Upload], request_id: str, priority: str = "routine"
+) -> Answer:
     """POST a series' chosen images (and its prior's) to the task's route in one request, asking for the
-    one DICOM object that answers about them all."""
+    one DICOM object that answers about them all, with the priority of the series' study."""
     form, content_type = form_data(images, task.fields)
     headers = {
         "Content-Type": content_type,
         "Accept": task.accept,
         "X-Request-ID": request_id,
+        # Read before the upload: a full service refuses routine work at once and keeps places for stat.
+        "X-Priority": priority,
         # The service gives up when this side stops waiting, instead of computing an answer for nobody.
         "X-Request-Timeout": str(int(settings.timeout_s)),
     }

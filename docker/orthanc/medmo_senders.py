@@ -65,6 +65,7 @@ from medmo_routing import (
     is_dicom_file,
     prior_query,
     request_id,
+    study_priority,
     tag,
     view_label,
 )
@@ -284,7 +285,8 @@ class Router:
         comparison = (
             self._comparison(series, modality) if rule.prior and any(t.compares for t in to_do) else None
         )
-        planned = self._requests(series_id, series, rule, slices, to_do, comparison)
+        priority = rule.priority or self._study_priority(slices)
+        planned = self._requests(series_id, series, rule, slices, to_do, comparison, priority)
         # Under the metadata lock from reading what was done to queueing the rest: a sender filing an
         # answer in between would otherwise see its task queued again, and the answer filed twice.
         with self._metadata_lock:
@@ -308,6 +310,7 @@ class Router:
         slices: list[Slice],
         tasks: list[Task],
         comparison: Comparison | None,
+        priority: str,
     ) -> list[WorkItem]:
         """One work item per task: the series' chosen images, captioned, then its prior's when the task
         compares, as many as MaxImages leaves."""
@@ -336,8 +339,19 @@ class Router:
                     for image in images(compared.prior_series_id, compared.prior_slices, prior_count)
                 ]
             uid = tag(series, "SeriesInstanceUID")
-            items.append(WorkItem(series_id, task.name, uid, tuple(current), tuple(prior)))
+            items.append(WorkItem(series_id, task.name, uid, tuple(current), tuple(prior), priority=priority))
         return items
+
+    def _study_priority(self, slices: list[Slice]) -> str:
+        """How soon the series' study was asked for, from the tags of one of its instances."""
+        if not slices:
+            return "routine"
+        try:
+            return study_priority(
+                self.orthanc.get_json(f"/instances/{slices[0].instance_id}/simplified-tags")
+            )
+        except ResourceGoneError:
+            return "routine"
 
     def _captioned(self, chosen: list[Chosen], modality: str) -> list[Image]:
         """Each image with its place through the volume ("slice 21 of 40"), or a projection image with its
@@ -399,7 +413,7 @@ class Router:
         # A prior deleted meanwhile: the series is sent without it.
         images += self._uploads(item.prior_images)
         self._count("sent")
-        answer = ask(self.settings, task, images, request_id(item.resource_id, task))
+        answer = ask(self.settings, task, images, request_id(item.resource_id, task), item.priority)
         with self._wake:
             if self._stopping:
                 # Orthanc is shutting down: its API may be gone. The item stays queued, and is sent

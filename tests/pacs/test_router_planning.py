@@ -42,8 +42,16 @@ class MemoryOrthanc:
             "Series": [],
         }
 
-    def add_series(self, series_id: str, study_id: str, modality: str, views: list[str]) -> list[str]:
-        """A projection series, one instance per view (numbered in order); its instances' IDs."""
+    def add_series(
+        self,
+        series_id: str,
+        study_id: str,
+        modality: str,
+        views: list[str],
+        tags: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """A projection series, one instance per view (numbered in order), each with `tags` among its
+        simplified tags; its instances' IDs."""
         ids = [f"{series_id}-{number}" for number in range(1, len(views) + 1)]
         self.series[series_id] = {
             "ID": series_id,
@@ -59,6 +67,7 @@ class MemoryOrthanc:
                 "ParentSeries": series_id,
                 "MainDicomTags": {"InstanceNumber": str(number), "SOPInstanceUID": f"2.{instance_id}"},
                 "view": view,
+                "tags": tags or {},
             }
         return ids
 
@@ -79,6 +88,8 @@ class MemoryOrthanc:
                 return [self.series[s] for s in self._exists("studies", study_id)["Series"]]
             case ["instances", instance_id]:
                 return self._exists("instances", instance_id)
+            case ["instances", instance_id, "simplified-tags"]:
+                return self._exists("instances", instance_id)["tags"]
         raise AssertionError(f"unexpected GET {uri}")
 
     def get_bytes(self, uri: str) -> bytes:
@@ -266,3 +277,32 @@ def test_images_deleted_before_they_are_sent_are_left_out_and_a_series_gone_is_d
     assert [request.path for request in received] == ["/report"], "\n".join(pacs.lines)
     assert [name for name, _ in asked(received)["/report"]] == ["image", "image", "caption", "caption"]
     assert "ground of series gone-series: deleted, dropped" in " ".join(pacs.lines)
+
+
+def test_each_series_is_sent_with_its_studys_priority_or_its_modalitys(tmp_path: Path) -> None:
+    pacs = MemoryOrthanc()
+    pacs.add_study("emergency", "20250312")
+    pacs.add_series("trauma-cr", "emergency", "CR", ["PA"], {"RequestedProcedurePriority": "STAT"})
+    pacs.add_study("ward", "20250312", patient_id="P-2")
+    ordered = {"RequestAttributesSequence": [{"RequestedProcedurePriority": "HIGH"}]}
+    pacs.add_series("ward-cr", "ward", "CR", ["PA"], ordered)
+    pacs.add_study("clinic", "20250312", patient_id="P-3")
+    pacs.add_series("clinic-cr", "clinic", "CR", ["PA"])
+    pacs.add_series("clinic-mr", "clinic", "MR", ["AX"], {"RequestedProcedurePriority": "ROUTINE"})
+    modalities = {"CR": {"Tasks": ["report"]}, "MR": {"Tasks": ["report"], "Priority": "urgent"}}
+    with routing(pacs, tmp_path, 4, Modalities=modalities) as (router, received):
+        for series in ("trauma-cr", "ward-cr", "clinic-cr", "clinic-mr"):
+            router.series_stable(series)
+        wait_until_idle(router)
+    sent = {
+        form_parts(request.headers["content-type"], request.body)[0][1].removeprefix(DICOM_FILE).decode(): (
+            request.headers["x-priority"]
+        )
+        for request in received
+    }
+    assert sent == {
+        "trauma-cr-1": "stat",
+        "ward-cr-1": "urgent",
+        "clinic-cr-1": "routine",
+        "clinic-mr-1": "urgent",
+    }

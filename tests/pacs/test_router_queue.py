@@ -188,3 +188,33 @@ def test_a_queue_file_of_per_instance_items_is_read_as_one_image_requests(tmp_pa
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "work" not in tables
+
+
+def test_stat_work_is_sent_first_and_a_queue_file_without_priorities_is_routine(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite"
+    queue = Queue(str(path))
+    for name, priority in (("routine", "routine"), ("urgent", "urgent"), ("stat", "stat")):
+        item = WorkItem(f"series-{name}", "report", "1.2.3", (Image(f"instance-{name}"),), priority=priority)
+        queue.series_stable(item.resource_id, now=100.0)
+        queue.planned(
+            item.resource_id, [item], now=100.0 + len(name), events=queue.series_events(item.resource_id)
+        )
+    sent = []
+    while (item := queue.due_work(now=200.0, busy=())) is not None:
+        sent.append((item.resource_id, item.priority))
+        queue.remove(item)
+    assert sent == [("series-stat", "stat"), ("series-urgent", "urgent"), ("series-routine", "routine")]
+
+    older = tmp_path / "older.sqlite"
+    with sqlite3.connect(older) as old:  # a request table from before priorities
+        old.execute(
+            "CREATE TABLE requests (resource_id TEXT NOT NULL, task TEXT NOT NULL, series_uid TEXT NOT NULL, "
+            "images TEXT NOT NULL, prior_images TEXT NOT NULL DEFAULT '[]', attempts INTEGER NOT NULL DEFAULT 0, "
+            "due REAL NOT NULL, PRIMARY KEY (resource_id, task))"
+        )
+        old.execute(
+            "INSERT INTO requests VALUES ('series-a', 'report', '1.2.3', '[[\"instance-1\", \"\"]]', '[]', 0, 1.0)"
+        )
+    waiting = Queue(str(older)).due_work(now=2.0, busy=())
+    assert waiting is not None
+    assert waiting.priority == "routine"

@@ -117,6 +117,7 @@ def test_the_images_go_in_order_as_a_form_with_their_captions_and_the_question()
     assert request.path == "/vqa"
     assert request.headers["accept"] == "application/dicom"
     assert request.headers["x-request-id"] == "orthanc-0123-vqa:effusion"
+    assert request.headers["x-priority"] == "routine"  # unless the series' study says otherwise
     assert request.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert form_parts(request.headers["content-type"], request.body) == [
         ("image", DICOM_FILE + b"\0"),

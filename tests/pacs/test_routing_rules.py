@@ -24,6 +24,7 @@ from medmo_routing import (
     ordered,
     parse_retry_after,
     prior_query,
+    study_priority,
     view_label,
 )
 
@@ -265,6 +266,7 @@ def test_a_question_is_sent_in_the_form_of_vqa_which_may_compare_with_a_prior() 
         ({"Modalities": {"CT": {"Tasks": ["report", "report"]}}}, "listed twice"),
         ({"Retry": {"MaxAttempts": 0}}, "MedMO.Retry.MaxAttempts"),
         ({"TimeoutSeconds": "300"}, "MedMO.TimeoutSeconds"),
+        ({"Modalities": {"CT": {"Tasks": ["report"], "Priority": "asap"}}}, "MedMO.Modalities.CT.Priority"),
     ],
 )
 def test_a_configuration_that_cannot_route_is_refused_naming_the_setting(
@@ -274,3 +276,28 @@ def test_a_configuration_that_cannot_route_is_refused_naming_the_setting(
     configuration["MedMO"].update(change)
     with pytest.raises(ConfigurationError, match=named.replace(".", r"\.")):
         RouterSettings.from_configuration(configuration)
+
+
+@pytest.mark.parametrize(
+    ("tags", "priority"),
+    [
+        ({"RequestedProcedurePriority": "STAT"}, "stat"),
+        ({"RequestedProcedurePriority": "high "}, "urgent"),
+        ({"RequestedProcedurePriority": "MEDIUM"}, "routine"),
+        (
+            {
+                "RequestAttributesSequence": [
+                    {"RequestedProcedurePriority": "LOW"},
+                    {"RequestedProcedurePriority": "STAT"},
+                ]
+            },
+            "stat",
+        ),
+        ({"StudyPriorityID": "HIGH"}, "urgent"),
+        ({"RequestedProcedurePriority": "ROUTINE", "StudyPriorityID": "HIGH"}, "urgent"),
+        ({"RequestedProcedurePriority": "whenever"}, "routine"),
+        ({}, "routine"),
+    ],
+)
+def test_the_studys_dicom_priority_is_the_services(tags: dict[str, Any], priority: str) -> None:
+    assert study_priority(tags) == priority
