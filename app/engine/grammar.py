@@ -382,7 +382,7 @@ def _summarise(error: str, *, keep_position: bool = False) -> str:
 
 # How long a finding's label may be, and how many boxes one label may have: bounds that keep a
 # grounding reply finite whatever the model's weights.
-BOX_LABEL_MAX_CHARS = 64
+BOX_LABEL_MAX_TOKENS = 24
 MAX_BOXES_PER_FINDING = 4
 
 
@@ -397,35 +397,33 @@ def box_constraint(
 
     Coordinates are integers in absolute pixels of the model's input image, `model_input_size` being its
     (width, height): x in 0..width, y in 0..height (for the 0-1000 convention, pass (1000, 1000)). A label
-    starts with a letter and holds letters, digits, spaces and `,.'/:;%+-`; no brackets, braces or `<`,
-    so no part of it reads as a box or markup to `app.tasks.ground`'s parser, which reads every reply of
-    this grammar as exactly the boxes written, each labelled. Corner order (x1 <= x2) is not expressible
-    cheaply in a grammar: the parser orders corners and drops a box of zero width or height.
+    starts with a letter and holds letters, digits, spaces and `,.'/:;%+-` (it may end in the space before
+    `<box>`); no brackets, braces or `<`, so no part of it reads as a box or markup to
+    `app.tasks.ground`'s parser, which reads every reply of this grammar as exactly the boxes written,
+    each labelled. A label is at most BOX_LABEL_MAX_TOKENS tokens: a bound on tokens, not characters, so
+    that the lexer keeps one state for the whole label (a bound on characters costs the mask several
+    times as much on a large vocabulary). Corner order (x1 <= x2) is not expressible cheaply in a grammar:
+    the parser orders corners and drops a box of zero width or height.
 
-    `none_found`: the reply may instead be one sentence of label characters and no box at all ("No
-    abnormality detected."): a grammar that forced a box on every image would draw a finding on a normal
-    study. The findings may also be followed by such a sentence, after a blank line (an impression).
+    `none_found`: a line may also be text alone, so that a reply can be one sentence and no box at all
+    ("No acute abnormality."): a grammar that forced a box on every image would draw a finding on a
+    normal study. An impression may follow the findings after a blank line. Without it, every line has
+    its boxes.
     """
     width, height = model_input_size
     if width < 1 or height < 1:
         raise ValueError(f"an image is at least 1x1 pixels; got {width}x{height}")
     if max_findings < 1 or max_boxes_per_finding < 1:
         raise ValueError("a grounding reply has at least one finding of at least one box")
-    label = rf"[A-Za-z][A-Za-z0-9 ,.'\/:;%+-]{{0,{BOX_LABEL_MAX_CHARS - 1}}}"
-    # The label and the opening tag are one terminal: a label may end in spaces, and the lexer must not
-    # have to decide where the label stops before it sees the `<`.
-    findings = f'finding ("\\n" finding){{0,{max_findings - 1}}}'
-    sentence = rf"[A-Za-z][A-Za-z0-9 ,.'\/:;%+-]{{0,{2 * BOX_LABEL_MAX_CHARS - 1}}}"
+    lines = f'line ("\\n" line){{0,{max_findings - 1}}}'
     lark = "\n".join(
         [
-            *(
-                [f'start: {findings} ("\\n\\n" NONE)? | NONE', rf"NONE: /{sentence}/"]
-                if none_found
-                else [f"start: {findings}"]
-            ),
-            f'finding: HEAD box (", " box){{0,{max_boxes_per_finding - 1}}} "]</box>"',
+            f'start: {lines} ("\\n\\n" text)?' if none_found else f"start: {lines}",
+            "line: text boxes?" if none_found else "line: text boxes",
+            f'boxes: "<box>[" box (", " box){{0,{max_boxes_per_finding - 1}}} "]</box>"',
             'box: "[" X ", " Y ", " X ", " Y "]"',
-            rf"HEAD: /{label} <box>\[/",
+            f"text[max_tokens={BOX_LABEL_MAX_TOKENS}]: TEXT",
+            r"TEXT: /[A-Za-z][A-Za-z0-9 ,.'\/:;%+-]*/",
             f"X: /{integer_range_regex(0, width)}/",
             f"Y: /{integer_range_regex(0, height)}/",
         ]

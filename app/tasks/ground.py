@@ -57,9 +57,9 @@ class GroundFields(TaskFields):
         None,
         description="Default true: decode under MedMO's own box syntax (one finding a line: a label, then "
         "<box>[[x1, y1, x2, y2], ...]</box>, at most "
-        f"{MAX_FINDINGS} findings of at most {MAX_BOXES_PER_FINDING} boxes, coordinates within the image the "
-        "model sees) or a single sentence without boxes (a normal study): every reply parses. false: the "
-        "model writes in whichever syntax it prefers, read after the fact.",
+        f"{MAX_FINDINGS} lines of at most {MAX_BOXES_PER_FINDING} boxes, coordinates within the image the "
+        "model sees; a line may be text alone, so that a normal study's reply is a sentence without boxes): "
+        "every reply parses. false: the model writes in whichever syntax it prefers, read after the fact.",
         examples=[True],
     )
 

@@ -32,7 +32,7 @@ TARGETS = [None, "nodule", "pleural effusion", "fracture"]
 PROMPTS = ["Detect any visible diseases or abnormalities in this X-ray image.", "Find the nodule."]
 # A finding's line as the grammar writes it, and the sentence a reply without boxes is.
 FINDING = re.compile(
-    r"[A-Za-z][A-Za-z0-9 ,.'/:;%+-]* <box>\[\[\d+, \d+, \d+, \d+\](, \[\d+, \d+, \d+, \d+\])*\]</box>"
+    r"[A-Za-z][A-Za-z0-9 ,.'/:;%+-]*<box>\[\[\d+, \d+, \d+, \d+\](, \[\d+, \d+, \d+, \d+\])*\]</box>"
 )
 SENTENCE = re.compile(r"[A-Za-z][A-Za-z0-9 ,.'/:;%+-]*")
 
@@ -75,16 +75,15 @@ async def test_200_replies_of_random_weights_all_parse_into_boxes_inside_their_i
         assert body["finish_reason"] == "stop", text
         findings, _, impression = text.partition("\n\n")  # an impression may follow the findings
         lines = findings.split("\n")
-        if all(FINDING.fullmatch(line) for line in lines):
-            assert not impression or SENTENCE.fullmatch(impression), text
-            assert 1 <= len(lines) <= MAX_FINDINGS
-            assert len(body["findings"]) + body["dropped_boxes"] == len(extract_boxes(text))
-            # Dropped only for having no area (a corner repeated): the grammar bounds every coordinate.
-            boxed += 1
-        else:
-            assert SENTENCE.fullmatch(text), text
-            assert body["findings"] == []
-            assert body["dropped_boxes"] == 0
+        assert 1 <= len(lines) <= MAX_FINDINGS, text
+        # Each line a finding with its boxes, or text alone (a normal study's sentence).
+        assert all(FINDING.fullmatch(line) or SENTENCE.fullmatch(line) for line in lines), text
+        assert not impression or SENTENCE.fullmatch(impression), text
+        written = sum(1 for line in lines if FINDING.fullmatch(line))
+        # Every box written is placed, or dropped for having no area (a corner repeated): the grammar
+        # bounds every coordinate.
+        assert len(body["findings"]) + body["dropped_boxes"] == len(extract_boxes(text)) >= written
+        boxed += written > 0
         for finding in body["findings"]:
             box, pixels = finding["box"], finding["box_px"]
             assert 0 <= box["x_min"] < box["x_max"] <= 1

@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from app.engine.grammar import (
-    BOX_LABEL_MAX_CHARS,
+    BOX_LABEL_MAX_TOKENS,
     CompiledGrammar,
     Constraint,
     ConstraintError,
@@ -262,7 +262,8 @@ def test_box_replies_the_model_writes_are_in_the_grammar(grammars: Grammars, tok
     compiled = grammars.compile(box_constraint((320, 640), max_findings=2))
     reply = "Fractures <box>[[156, 516, 231, 607], [240, 529, 296, 581]]</box>\nPleural effusion <box>[[0, 0, 320, 640]]</box>"
     accept_all(compiled.matcher(), tokenizer.encode(reply))
-    for outside in ("Fracture <box>[[321, 0, 1, 1]]</box>", "x" * (BOX_LABEL_MAX_CHARS + 1) + " <box>"):
+    too_long = " ".join(["opacity"] * (BOX_LABEL_MAX_TOKENS + 1)) + " <box>"
+    for outside in ("Fracture <box>[[321, 0, 1, 1]]</box>", too_long):
         with pytest.raises(MatcherError, match="does not continue"):
             accept_all(compiled.matcher(), tokenizer.encode(outside))
 
