@@ -118,7 +118,11 @@ def test_loading_reports_the_tensors_transformers_puts_on_the_device(
     loading = [line for line in fields if line.get("phase") == "loading" and "done" in line]
     assert loading, fields
     assert {line["unit"] for line in loading} == {"tensors"}
-    assert all(0 < line["done"] <= line["total"] for line in loading)
+    # A line may come before the first tensor lands (0 of N, on a busy machine); counts only grow.
+    done = [line["done"] for line in loading]
+    assert all(0 <= line["done"] <= line["total"] for line in loading)
+    assert done == sorted(done)
+    assert done[-1] > 0
     assert [line.get("duration_s") is not None for line in fields if line.get("phase") == "loading"][-1]
 
 
