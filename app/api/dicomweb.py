@@ -53,9 +53,10 @@ from app.api.pipeline import (
     deadline,
     in_pool,
     submit,
+    task_options,
     upload_limits,
 )
-from app.api.priority import early_priority, requested_priority
+from app.api.priority import early_priority
 from app.api.tasks import (
     RequestId,
     RequestTimeout,
@@ -403,12 +404,7 @@ async def answer_on(
     submitted = await submit(
         request,
         arrived=arrived,
-        options=running.service.options(
-            task.name,
-            fields.max_new_tokens,
-            logprobs=fields.logprobs,
-            priority=requested_priority(request, fields.priority),
-        ),
+        options=task_options(request, task.name, fields),
         bounded=fields.max_new_tokens is None,
         uploads=[
             ImageUpload(dicom, caption, fields.frame, fields.window)

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from app.api.deps import Running, get_running
 from app.api.errors import ApiError
 from app.api.middleware import RequestRecord, request_record
+from app.api.priority import requested_priority
 from app.api.uploads import UploadLimits
 from app.conversation import Query
 from app.engine.protocol import (
@@ -49,7 +50,7 @@ from app.imaging import (
     decode_image,
 )
 from app.imaging.series import anatomical_order
-from app.schemas import DicomInfo, ImageInfo, ImageSize, Timing, Usage, WindowInfo
+from app.schemas import DicomInfo, ImageInfo, ImageSize, TaskFields, Timing, Usage, WindowInfo
 from app.settings import PROMPT_ALLOWANCE, Settings
 from app.tasks.classify import ChoiceQuery
 
@@ -248,6 +249,17 @@ async def submit(
         raise
     captions = [upload.caption for upload in uploads]
     return Submitted(running, record, arrived, images, captions, order, generating)
+
+
+def task_options(request: Request, task: str, fields: TaskFields) -> GenerationOptions:
+    """How a task request's answer is generated: its token limit, log-probabilities and priority, from the
+    fields every task shares (and the X-Priority header)."""
+    return get_running(request).service.options(
+        task,
+        fields.max_new_tokens,
+        logprobs=fields.logprobs,
+        priority=requested_priority(request, fields.priority),
+    )
 
 
 def client_texts(fields: BaseModel, captions: Sequence[str | None] = ()) -> list[tuple[str, str]]:

@@ -31,9 +31,10 @@ from app.api.pipeline import (
     deadline,
     in_pool,
     submit,
+    task_options,
     upload_limits,
 )
-from app.api.priority import early_priority, requested_priority
+from app.api.priority import early_priority
 from app.api.streaming import TextStream, event_stream, task_events
 from app.api.uploads import UploadedImage, read_task_upload
 from app.conversation import Captioned
@@ -119,12 +120,7 @@ def task_endpoint(task: Task[Any, Any]) -> Callable[..., Coroutine[Any, Any, Res
             submitted = await submit(
                 request,
                 arrived=arrived,
-                options=running.service.options(
-                    task.name,
-                    fields.max_new_tokens,
-                    logprobs=fields.logprobs,
-                    priority=requested_priority(request, fields.priority),
-                ),
+                options=task_options(request, task.name, fields),
                 bounded=fields.max_new_tokens is None,
                 uploads=[
                     ImageUpload(image.data, image.caption, fields.frame, fields.window)

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -352,9 +352,9 @@ class ContinuousEngine(Gated):
             self._decode()
             self._metrics.running_requests.set(len(self._active))
             self._metrics.waiting_requests.set(len(self._waiting))
+            waiting = Counter(job.request.options.priority for job in self._waiting)
             for priority in Priority:
-                waiting = sum(1 for job in self._waiting if job.request.options.priority is priority)
-                self._metrics.waiting_by_priority.labels(priority=priority.value).set(waiting)
+                self._metrics.waiting_by_priority.labels(priority=priority.value).set(waiting[priority])
             self._metrics.slot_occupancy.set(len(self._active) / self._runner.slots)
             self._flush()
         self._fail_everything(NotAcceptingError("the server is shutting down"))
@@ -551,9 +551,9 @@ class ContinuousEngine(Gated):
         job.tokens.append(token)
         logprobs = None
         asked = job.request.options.logprobs
-        if asked is not None and chosen.logprobs is not None:
-            taken = chosen.logprobs[row]
-            logprobs = (TokenLogprobs(taken.logprob, taken.top[:asked]),)
+        taken = chosen.logprobs_of(row, asked) if asked is not None else None
+        if taken is not None:
+            logprobs = (taken,)
             if job.logprobs is None:
                 job.logprobs = []
             job.logprobs.extend(logprobs)

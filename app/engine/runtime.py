@@ -531,6 +531,7 @@ class RuledChoice:
         ]
         self._masks = torch.full((len(batch), bitmask_words(vocabulary)), -1, dtype=torch.int32)
         self._sample = any(samples(item.options) for item in batch)
+        self._asked = [item.options.logprobs for item in batch]
         self._eos = eos
         self._done = [False] * len(batch)
         self._prompt: int | None = None
@@ -557,12 +558,13 @@ class RuledChoice:
         if any(matcher is not None for matcher in self.matchers):
             self.rules.bitmask.copy_(self._masks)
         tokens = choose(scores[:, : self.rules.vocabulary], self.rules, sample=self._sample)
-        logprob = self.rules.logprob.tolist()
-        top_ids, top_values = self.rules.top_ids.tolist(), self.rules.top_logprobs.tolist()
-        for row in range(len(self._done)):
-            self._logprobs[row].append(
-                TokenLogprobs(logprob[row], tuple(zip(top_ids[row], top_values[row], strict=True)))
-            )
+        for row, top in enumerate(self._asked):  # only the rows that asked for them
+            if top is not None and not self._done[row]:
+                ids = self.rules.top_ids[row, :top].tolist()
+                values = self.rules.top_logprobs[row, :top].tolist()
+                self._logprobs[row].append(
+                    TokenLogprobs(float(self.rules.logprob[row]), tuple(zip(ids, values, strict=True)))
+                )
         only = torch.full_like(scores, float("-inf"))
         return only.scatter_(1, tokens.view(-1, 1), 0.0)
 

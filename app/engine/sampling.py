@@ -23,7 +23,7 @@ the bare argmax: such rows pay nothing for the others' rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -210,21 +210,32 @@ def _sampled(scores: torch.Tensor, allowed: torch.Tensor, rules: RowRules, first
 @dataclass(frozen=True)
 class Chosen:
     """What a step chose for its rows, read back on the host: a token per row, and the log-probabilities
-    when the step computed them (a step with rules does; a plain step does not)."""
+    when the step computed them (a step with rules does; a plain step does not). A row's log-probabilities
+    are made into Python values only when asked for (`logprobs_of`): most rows of a sampled step want none."""
 
     tokens: list[int]
-    logprobs: list[TokenLogprobs] | None = None
+    # (rows,), (rows, MAX_TOP_LOGPROBS), (rows, MAX_TOP_LOGPROBS), on the CPU.
+    _logprob: torch.Tensor | None = field(default=None, compare=False)
+    _top_ids: torch.Tensor | None = field(default=None, compare=False)
+    _top_logprobs: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
     def read(
         cls, tokens: torch.Tensor, logprob: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor
     ) -> Chosen:
+        """From a step's outputs; copied, so that the buffers they were read into can be used again."""
         return cls(
             tokens=[int(token) for token in tokens.tolist()],
-            logprobs=[
-                TokenLogprobs(chosen, tuple(zip(ids, values, strict=True)))
-                for chosen, ids, values in zip(
-                    logprob.tolist(), top_ids.tolist(), top_logprobs.tolist(), strict=True
-                )
-            ],
+            _logprob=logprob.cpu().clone(),
+            _top_ids=top_ids.cpu().clone(),
+            _top_logprobs=top_logprobs.cpu().clone(),
         )
+
+    def logprobs_of(self, row: int, top: int) -> TokenLogprobs | None:
+        """Row `row`'s chosen token's log-probability and its `top` most likely alternatives; None when the
+        step computed none."""
+        if self._logprob is None or self._top_ids is None or self._top_logprobs is None:
+            return None
+        ids = self._top_ids[row, :top].tolist()
+        values = self._top_logprobs[row, :top].tolist()
+        return TokenLogprobs(float(self._logprob[row]), tuple(zip(ids, values, strict=True)))
