@@ -576,17 +576,19 @@ def test_while_the_service_is_down_and_orthanc_restarts_every_answer_waits_and_a
     port = free_port()  # where the service will answer, once it is started
     ct, cr = ct_series(40), cr_study(("PA", "LL"))
     (tmp_path / "pacs").mkdir()
-    with orthanc(tmp_path / "pacs", routing(f"http://127.0.0.1:{port}"), stable_age_s=5) as pacs:
+    # A StableAge long enough that storing 42 files ends well before it, on a machine running another test
+    # beside this one.
+    with orthanc(tmp_path / "pacs", routing(f"http://127.0.0.1:{port}"), stable_age_s=12) as pacs:
         stored = [pacs.store(data) for data in ct.files + cr.files]
         ct_study, cr_study_id = stored[0]["ParentStudy"], stored[-1]["ParentStudy"]
-        # Stopped before the series are stable (5 s): Orthanc forgets that it waited on them; the router's
+        # Stopped before the series are stable (12 s): Orthanc forgets that it waited on them; the router's
         # queue file does not.
         pacs.restart()
         assert any("2 series interrupted by a restart" in line for line in pacs.router_lines()), pacs.log()
         # Planned once quiet for StableAge, then sent to a service that is not there: connection refused,
         # retried with backoff. One request per series and task.
         pacs.wait_for_queue(
-            lambda q: q["work_pending"] == 2 * len(TASKS) and q["retried"] >= 2, 30, "work queued, retried"
+            lambda q: q["work_pending"] == 2 * len(TASKS) and q["retried"] >= 2, 45, "work queued, retried"
         )
         # Stopped again with everything still to send.
         pacs.restart()
